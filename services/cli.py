@@ -1,0 +1,225 @@
+"""The ``meshbank`` command: run services, bring the local system up and down, manage principals."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from regions import local
+
+log = logging.getLogger("meshbank")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("MESHBANK_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _database_url() -> str:
+    """The database of MESHBANK_DATABASE_URL, else that of the local deployment."""
+    url = os.environ.get("MESHBANK_DATABASE_URL")
+    if url:
+        return url
+    state = local.state_dir()
+    if not (state / "secrets.json").exists():
+        raise SystemExit(
+            "meshbank: no MESHBANK_DATABASE_URL and no local deployment in "
+            f"{state} (run `meshbank up` first)"
+        )
+    secret = local.load_secrets(state)
+    return local.postgres_node(state, local.Ports.from_env(), secret).url()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services import app
+    from services.common import config as config_mod
+    from services.common.server import serve
+
+    try:
+        config = config_mod.load(needs_key_passphrase="auth" in args.services)
+    except config_mod.ConfigError as exc:
+        print(f"meshbank serve: {exc}", file=sys.stderr)
+        return 2
+    built = app.build(config, set(args.services))
+    try:
+        serve(
+            built.registrations,
+            config.listen_address,
+            workers=config.grpc_workers,
+            grace=config.shutdown_grace_seconds,
+        )
+    finally:
+        built.engine.dispose()
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from regions import migrate
+
+    migrate.upgrade(_database_url())
+    print("database migrated to", migrate.current(_database_url()))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    state = local.state_dir()
+    if args.detach:
+        status = local.start_detached(state)
+        from services.seed import print_quickstart
+
+        print_quickstart(state, status)
+        return 0
+    if local.supervisor_pid(state) is not None:
+        print(f"meshbank is already running (state in {state}); `meshbank down` stops it")
+        return 1
+    local.Supervisor(state, local.Ports.from_env()).run()
+    return 0
+
+
+def cmd_down(_args: argparse.Namespace) -> int:
+    state = local.state_dir()
+    if local.stop(state):
+        print("meshbank stopped")
+    else:
+        print("meshbank was not running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = local.state_dir()
+    status = local.read_status(state)
+    running = local.supervisor_pid(state) is not None
+    if status is None or not running:
+        status = {"phase": "stopped", "regions": [], "processes": [], "endpoints": {}}
+    if args.json:
+        print(json.dumps(status))
+    else:
+        print(f"phase: {status['phase']}")
+        for proc in status["processes"]:
+            mark = "healthy" if proc["healthy"] else "UNHEALTHY"
+            print(f"  {proc['region']:8} {proc['role']:8} {proc['service']:10} pid={proc['pid']} {mark}")
+        for name, address in status["endpoints"].items():
+            print(f"  {name}: {address}")
+    return 0 if status["phase"] == "running" else 3
+
+
+def _read_password() -> str:
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if first != getpass.getpass("again: "):
+        raise SystemExit("meshbank: the passwords differ")
+    return first
+
+
+def cmd_users_create(args: argparse.Namespace) -> int:
+    from services import app
+    from services.common import errors
+
+    admin = app.auth_admin(_database_url())
+    try:
+        admin.create_user(args.name, _read_password())
+    except errors.DomainError as exc:
+        print(f"meshbank: {exc.message}", file=sys.stderr)
+        for v in getattr(exc, "violations", []):
+            print(f"  {v.field}: {v.description}", file=sys.stderr)
+        return 1
+    print(f"created user users/{args.name}")
+    return 0
+
+
+def cmd_partners_create(args: argparse.Namespace) -> int:
+    from services import app
+    from services.common import errors
+
+    admin = app.auth_admin(_database_url())
+    scopes = [s for s in args.scopes.replace(",", " ").split() if s]
+    try:
+        client_id, secret = admin.create_partner(args.name, scopes)
+    except errors.DomainError as exc:
+        print(f"meshbank: {exc.message}", file=sys.stderr)
+        for v in getattr(exc, "violations", []):
+            print(f"  {v.field}: {v.description}", file=sys.stderr)
+        return 1
+    print(f"created partner {args.name} with scopes {' '.join(scopes)}")
+    print(f"client_id:     {client_id}")
+    print(f"client_secret: {secret}")
+    print("Store the secret now: only its hash is kept, it cannot be shown again.")
+    return 0
+
+
+def cmd_rotate_keys(_args: argparse.Namespace) -> int:
+    from services import app
+
+    passphrase = os.environ.get("MESHBANK_KEY_PASSPHRASE")
+    if not passphrase and not os.environ.get("MESHBANK_DATABASE_URL"):
+        passphrase = local.load_secrets(local.state_dir())["key_passphrase"]
+    if not passphrase:
+        raise SystemExit("meshbank: MESHBANK_KEY_PASSPHRASE is not set")
+    kid = app.auth_admin(_database_url()).rotate_signing_key(passphrase)
+    print(f"new signing key {kid}; earlier keys verify until their tokens expire")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshbank", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run one or more gRPC services (config from MESHBANK_* env)")
+    s.add_argument("services", nargs="+", choices=["account", "transfer", "auth"])
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("migrate", help="apply the database migrations")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("up", help="start PostgreSQL and the services under a supervisor")
+    s.add_argument("--detach", action="store_true", help="return once everything is healthy")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("down", help="stop everything `up` started")
+    s.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("status", help="show the processes of the local deployment")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_status)
+
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="sub", required=True)
+    s = users.add_parser("create", help="create a user (password from stdin or a prompt)")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_users_create)
+
+    partners = sub.add_parser("partners", help="manage partners").add_subparsers(
+        dest="sub", required=True
+    )
+    s = partners.add_parser("create", help="create a partner; prints its client secret once")
+    s.add_argument("name")
+    s.add_argument(
+        "--scopes", required=True,
+        help="comma-separated: accounts.read,accounts.write,accounts.admin,"
+        "transfers.read,transfers.write",
+    )
+    s.set_defaults(func=cmd_partners_create)
+
+    auth = sub.add_parser("auth", help="token signing keys").add_subparsers(dest="sub", required=True)
+    s = auth.add_parser("rotate-keys", help="add a new signing key")
+    s.set_defaults(func=cmd_rotate_keys)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _setup_logging()
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Database engine and the one whole-transaction retry helper.
+
+Why a helper of our own (DESIGN.md, "Data layer"): ``sqlalchemy_cockroachdb.run_transaction``
+retries inside one transaction through a savepoint, which fails on PostgreSQL
+SERIALIZABLE, and retries forever without backoff. This helper instead re-runs the
+*whole* transaction (a new BEGIN on a fresh pooled connection) on serialization
+failures (40001), deadlocks (40P01), a read-only standby after a failover (25006) and
+lost connections, a bounded number of times with exponential backoff and full jitter.
+It is right for both PostgreSQL and CockroachDB, whose retry error is also 40001.
+
+Two rules keep acknowledged writes safe:
+
+* A COMMIT is never cancelled: no statement_timeout is set on our sessions (a timeout
+  that fires while COMMIT waits for the synchronous standby makes PostgreSQL return
+  success with the warning "canceling wait for synchronous replication ... committed
+  locally", and such writes were lost at failover).
+* That warning, if it ever appears, is treated as a failure of the transaction. The
+  caller retries with the same request_id, and the idempotency record written in the
+  same transaction makes the retry apply the effect at most once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from services.common import errors
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRYABLE_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure (also CockroachDB's retry error)
+        "40P01",  # deadlock_detected
+        "25006",  # read_only_sql_transaction: we reached a standby during a failover
+        "57P01",  # admin_shutdown
+        "57P02",  # crash_shutdown
+        "57P03",  # cannot_connect_now (starting up / in recovery)
+        "53300",  # too_many_connections
+    }
+)
+# A unique violation on the idempotency key means a concurrent twin of this request
+# committed first: re-running the transaction replays its stored response.
+RETRYABLE_UNIQUE_CONSTRAINTS = frozenset({"pk_idempotency_keys"})
+SYNC_REP_CANCELLED = "canceling wait for synchronous replication"
+
+
+class AmbiguousCommitError(Exception):
+    """The server committed only locally: the write may not survive a failover."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds of the retry loop: attempts, and the backoff's base and cap in seconds."""
+
+    max_attempts: int = 12
+    base_delay: float = 0.01
+    max_delay: float = 1.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Full-jitter exponential backoff (AWS architecture blog) for attempt >= 1."""
+        return rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+def make_engine(url: str, *, pool_size: int = 10, application_name: str = "meshbank") -> Engine:
+    """Create the engine; connects lazily (nothing connects at import or construction)."""
+    engine = sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        isolation_level="SERIALIZABLE",
+        connect_args={"application_name": application_name},
+    )
+    if engine.dialect.driver == "psycopg":
+        event.listen(engine, "connect", _record_notices)
+    return engine
+
+
+def _record_notices(dbapi_connection: Any, connection_record: Any) -> None:
+    notices: list[str] = connection_record.info.setdefault("notices", [])
+
+    def on_notice(diag: Any) -> None:
+        notices.append(str(diag.message_primary or ""))
+
+    dbapi_connection.add_notice_handler(on_notice)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True when re-running the whole transaction may succeed."""
+    if isinstance(exc, AmbiguousCommitError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:
+        # psycopg reports a dropped connection as OperationalError without a SQLSTATE.
+        return isinstance(exc, sa.exc.OperationalError)
+    if sqlstate == "23505":
+        diag = getattr(exc.orig, "diag", None)
+        return getattr(diag, "constraint_name", None) in RETRYABLE_UNIQUE_CONSTRAINTS
+    return sqlstate in RETRYABLE_SQLSTATES or sqlstate.startswith("08")
+
+
+# Called once per retry with the attempt number and the error; services count them.
+RetryObserver = Callable[[int, BaseException], None]
+
+
+def run_transaction(
+    engine: Engine,
+    work: Callable[[Connection], T],
+    *,
+    policy: RetryPolicy = RetryPolicy(),
+    readonly: bool = False,
+    on_retry: RetryObserver | None = None,
+    rng: random.Random | None = None,
+) -> T:
+    """Run ``work`` in a SERIALIZABLE transaction, re-running the whole of it when retryable.
+
+    ``work`` must be safe to run more than once: everything it does happens inside the
+    transaction (which is rolled back on failure) and domain errors it raises are not
+    retried. Exhausted retries raise ``errors.Unavailable``.
+    """
+    rng = rng or random.Random()  # noqa: S311 - jitter, not security
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            with engine.connect() as conn:
+                if readonly:
+                    conn = conn.execution_options(postgresql_readonly=True)
+                notices: list[str] = conn.connection.info.setdefault("notices", [])
+                notices.clear()
+                with conn.begin():
+                    result = work(conn)
+                if any(SYNC_REP_CANCELLED in n for n in notices):
+                    raise AmbiguousCommitError(notices[-1])
+                return result
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            if on_retry is not None:
+                on_retry(attempt, exc)
+            if attempt == policy.max_attempts:
+                log.warning("transaction failed after %d attempts: %s", attempt, exc)
+                raise errors.Unavailable(
+                    "the database is unavailable or too contended; retry with the same request_id",
+                    reason="DATABASE_UNAVAILABLE",
+                ) from exc
+            delay = policy.delay(attempt, rng)
+            log.info("retrying transaction (attempt %d, in %.3fs): %s", attempt, delay, exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,297 @@
+"""The ledger's use cases: authorization, idempotency and the ledger rules, in one place.
+
+Each mutating use case runs inside one transaction that (1) looks up the caller's
+request_id, (2) applies the effect and (3) stores the response under that request_id.
+A replay returns the stored bytes; the same request_id with another request fails.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+from services.common import errors
+from services.common.principal import Principal, Scope
+from services.ledger.model import Account, AccountState, Transfer, post_transfer
+from services.ledger.ports import Cursor, LedgerUnitOfWork, TransactionRunner
+
+Clock = Callable[[], datetime]
+IdFactory = Callable[[], uuid.UUID]
+
+
+@dataclass(frozen=True)
+class RequestKey:
+    """An AIP-155 request id with the fingerprint of the request it came with."""
+
+    request_id: str
+    method: str
+    fingerprint: bytes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The serialized response and whether it was replayed from an earlier request."""
+
+    response: bytes
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class OpenAccount:
+    owner: str
+    display_name: str
+    currency_code: str
+    overdraft_limit_minor: int
+
+
+@dataclass(frozen=True)
+class MoveMoney:
+    source_account_id: uuid.UUID
+    destination_account_id: uuid.UUID
+    amount_minor: int
+    currency_code: str
+    description: str
+
+
+ItemT = TypeVar("ItemT")
+
+
+@dataclass(frozen=True)
+class Page(Generic[ItemT]):
+    items: list[ItemT]
+    next_cursor: Cursor | None
+
+
+def _not_owner(principal: Principal, account: Account) -> errors.PermissionDenied:
+    return errors.PermissionDenied(
+        f"{principal.name} does not own account {account.account_id}",
+        reason="NOT_ACCOUNT_OWNER",
+        metadata={"account_id": str(account.account_id)},
+    )
+
+
+def _owns_or_admin(principal: Principal, account: Account) -> bool:
+    return account.owner == principal.name or principal.has(Scope.ACCOUNTS_ADMIN)
+
+
+class LedgerService:
+    """Use cases of the account and transfer services."""
+
+    def __init__(
+        self,
+        run: TransactionRunner,
+        *,
+        clock: Clock = lambda: datetime.now(UTC),
+        new_id: IdFactory = uuid.uuid4,
+    ) -> None:
+        self._run = run
+        self._clock = clock
+        self._new_id = new_id
+
+    # -- idempotency -----------------------------------------------------------------
+
+    @staticmethod
+    def _idempotent(
+        uow: LedgerUnitOfWork, principal: Principal, key: RequestKey, effect: Callable[[], bytes]
+    ) -> Outcome:
+        stored = uow.idempotency.get(principal.name, key.request_id)
+        if stored is not None:
+            if stored.method != key.method or stored.fingerprint != key.fingerprint:
+                raise errors.AlreadyExists(
+                    "this request_id was already used for a different request",
+                    reason="REQUEST_ID_REUSED",
+                    metadata={"request_id": key.request_id},
+                )
+            return Outcome(stored.response, replayed=True)
+        response = effect()
+        uow.idempotency.put(
+            principal.name, key.request_id, key.method, key.fingerprint, response
+        )
+        return Outcome(response, replayed=False)
+
+    # -- accounts --------------------------------------------------------------------
+
+    def create_account(
+        self,
+        principal: Principal,
+        cmd: OpenAccount,
+        key: RequestKey,
+        encode: Callable[[Account], bytes],
+    ) -> Outcome:
+        principal.require(Scope.ACCOUNTS_WRITE)
+        owner = cmd.owner or principal.name
+        if owner != principal.name or cmd.overdraft_limit_minor != 0:
+            principal.require(Scope.ACCOUNTS_ADMIN)
+
+        def work(uow: LedgerUnitOfWork) -> Outcome:
+            def effect() -> bytes:
+                if not uow.accounts.currency_exists(cmd.currency_code):
+                    raise errors.InvalidArgument(
+                        [errors.FieldViolation("currency_code", "is not a supported currency")]
+                    )
+                account = Account(
+                    account_id=self._new_id(),
+                    owner=owner,
+                    display_name=cmd.display_name,
+                    currency_code=cmd.currency_code,
+                    balance_minor=0,
+                    overdraft_limit_minor=cmd.overdraft_limit_minor,
+                    state=AccountState.OPEN,
+                    created_at=self._clock(),
+                )
+                uow.accounts.add(account)
+                return encode(account)
+
+            return self._idempotent(uow, principal, key, effect)
+
+        return self._run(work)
+
+    def get_account(self, principal: Principal, account_id: uuid.UUID) -> Account:
+        principal.require(Scope.ACCOUNTS_READ)
+        account = self._run(lambda uow: uow.accounts.get(account_id), readonly=True)
+        if account is None:
+            raise errors.NotFound("account", str(account_id))
+        if not _owns_or_admin(principal, account):
+            raise _not_owner(principal, account)
+        return account
+
+    def list_accounts(
+        self, principal: Principal, owner: str, after: Cursor | None, limit: int
+    ) -> Page[Account]:
+        principal.require(Scope.ACCOUNTS_READ)
+        owner = owner or principal.name
+        if owner != principal.name and not principal.has(Scope.ACCOUNTS_ADMIN):
+            raise errors.PermissionDenied(
+                f"{principal.name} may only list its own accounts",
+                reason="NOT_ACCOUNT_OWNER",
+                metadata={"owner": owner},
+            )
+        rows = self._run(
+            lambda uow: uow.accounts.list_by_owner(owner, after, limit + 1), readonly=True
+        )
+        items = rows[:limit]
+        more = len(rows) > limit
+        return Page(items, (items[-1].created_at, items[-1].account_id) if more else None)
+
+    def close_account(
+        self,
+        principal: Principal,
+        account_id: uuid.UUID,
+        key: RequestKey,
+        encode: Callable[[Account], bytes],
+    ) -> Outcome:
+        principal.require(Scope.ACCOUNTS_WRITE)
+
+        def work(uow: LedgerUnitOfWork) -> Outcome:
+            def effect() -> bytes:
+                account = uow.accounts.lock([account_id]).get(account_id)
+                if account is None:
+                    raise errors.NotFound("account", str(account_id))
+                if not _owns_or_admin(principal, account):
+                    raise _not_owner(principal, account)
+                closed = account.close(self._clock())
+                uow.accounts.save(closed)
+                return encode(closed)
+
+            return self._idempotent(uow, principal, key, effect)
+
+        return self._run(work)
+
+    # -- transfers -------------------------------------------------------------------
+
+    def create_transfer(
+        self,
+        principal: Principal,
+        cmd: MoveMoney,
+        key: RequestKey,
+        encode: Callable[[Transfer], bytes],
+    ) -> Outcome:
+        principal.require(Scope.TRANSFERS_WRITE)
+
+        def work(uow: LedgerUnitOfWork) -> Outcome:
+            def effect() -> bytes:
+                if cmd.source_account_id == cmd.destination_account_id:
+                    raise errors.InvalidArgument(
+                        [
+                            errors.FieldViolation(
+                                "destination_account_id", "must differ from source_account_id"
+                            )
+                        ]
+                    )
+                locked = uow.accounts.lock([cmd.source_account_id, cmd.destination_account_id])
+                source = locked.get(cmd.source_account_id)
+                destination = locked.get(cmd.destination_account_id)
+                if source is None:
+                    raise errors.NotFound("account", str(cmd.source_account_id))
+                if destination is None:
+                    raise errors.NotFound("account", str(cmd.destination_account_id))
+                # Only the owner debits an account; anyone may pay into one.
+                if source.owner != principal.name:
+                    raise _not_owner(principal, source)
+                posting = post_transfer(
+                    transfer_id=self._new_id(),
+                    request_id=key.request_id,
+                    initiated_by=principal.name,
+                    source=source,
+                    destination=destination,
+                    amount_minor=cmd.amount_minor,
+                    currency_code=cmd.currency_code,
+                    description=cmd.description,
+                    now=self._clock(),
+                    entry_ids=(self._new_id(), self._new_id()),
+                )
+                uow.transfers.add(posting.transfer)
+                uow.accounts.save(posting.source)
+                uow.accounts.save(posting.destination)
+                return encode(posting.transfer)
+
+            return self._idempotent(uow, principal, key, effect)
+
+        return self._run(work)
+
+    def get_transfer(self, principal: Principal, transfer_id: uuid.UUID) -> Transfer:
+        principal.require(Scope.TRANSFERS_READ)
+
+        def work(uow: LedgerUnitOfWork) -> tuple[Transfer | None, list[Account]]:
+            transfer = uow.transfers.get(transfer_id)
+            if transfer is None:
+                return None, []
+            sides = [
+                uow.accounts.get(transfer.source_account_id),
+                uow.accounts.get(transfer.destination_account_id),
+            ]
+            return transfer, [a for a in sides if a is not None]
+
+        transfer, sides = self._run(work, readonly=True)
+        if transfer is None:
+            raise errors.NotFound("transfer", str(transfer_id))
+        if not any(_owns_or_admin(principal, a) for a in sides):
+            raise errors.PermissionDenied(
+                f"{principal.name} owns neither account of transfer {transfer_id}",
+                reason="NOT_ACCOUNT_OWNER",
+                metadata={"transfer_id": str(transfer_id)},
+            )
+        return transfer
+
+    def list_transfers(
+        self, principal: Principal, account_id: uuid.UUID, before: Cursor | None, limit: int
+    ) -> Page[Transfer]:
+        principal.require(Scope.TRANSFERS_READ)
+
+        def work(uow: LedgerUnitOfWork) -> tuple[Account | None, list[Transfer]]:
+            account = uow.accounts.get(account_id)
+            if account is None or not _owns_or_admin(principal, account):
+                return account, []
+            return account, uow.transfers.list_for_account(account_id, before, limit + 1)
+
+        account, rows = self._run(work, readonly=True)
+        if account is None:
+            raise errors.NotFound("account", str(account_id))
+        if not _owns_or_admin(principal, account):
+            raise _not_owner(principal, account)
+        items = rows[:limit]
+        more = len(rows) > limit
+        return Page(items, (items[-1].created_at, items[-1].transfer_id) if more else None)

@@ -1,0 +1,85 @@
+"""What the ledger's use cases need from storage, as protocols.
+
+``services.ledger.sql`` implements them on SQLAlchemy; the unit tests implement them
+in memory. A ``TransactionRunner`` runs a unit of work atomically (and, for the SQL
+one, re-runs it whole on retryable database errors).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+from services.ledger.model import Account, Transfer
+
+T = TypeVar("T")
+
+# Keyset position: (created_at, id) of the last row of the previous page.
+Cursor = tuple[datetime, uuid.UUID]
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    method: str
+    fingerprint: bytes
+    response: bytes
+
+
+class AccountRepository(Protocol):
+    def get(self, account_id: uuid.UUID) -> Account | None: ...
+
+    def lock(self, account_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Account]:
+        """Read and lock the accounts for update, in id order (no deadlocks between transfers)."""
+        ...
+
+    def add(self, account: Account) -> None: ...
+
+    def save(self, account: Account) -> None:
+        """Persist a changed balance or state."""
+        ...
+
+    def list_by_owner(self, owner: str, after: Cursor | None, limit: int) -> list[Account]:
+        """The owner's accounts, oldest first, strictly after ``after``."""
+        ...
+
+    def currency_exists(self, code: str) -> bool: ...
+
+
+class TransferRepository(Protocol):
+    def add(self, transfer: Transfer) -> None:
+        """Insert the transfer and its entries."""
+        ...
+
+    def get(self, transfer_id: uuid.UUID) -> Transfer | None: ...
+
+    def list_for_account(
+        self, account_id: uuid.UUID, before: Cursor | None, limit: int
+    ) -> list[Transfer]:
+        """Transfers into or out of the account, newest first, strictly before ``before``."""
+        ...
+
+
+class IdempotencyStore(Protocol):
+    def get(self, principal: str, request_id: str) -> StoredResponse | None: ...
+
+    def put(
+        self, principal: str, request_id: str, method: str, fingerprint: bytes, response: bytes
+    ) -> None: ...
+
+
+class LedgerUnitOfWork(Protocol):
+    @property
+    def accounts(self) -> AccountRepository: ...
+
+    @property
+    def transfers(self) -> TransferRepository: ...
+
+    @property
+    def idempotency(self) -> IdempotencyStore: ...
+
+
+class TransactionRunner(Protocol):
+    def __call__(self, work: Callable[[LedgerUnitOfWork], T], *, readonly: bool = False) -> T: ...

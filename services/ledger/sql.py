@@ -1,0 +1,261 @@
+"""The ledger's ports on SQLAlchemy Core (PostgreSQL and CockroachDB)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine
+
+from services.common import db
+from services.common.schema import accounts, currencies, idempotency_keys, ledger_entries, transfers
+from services.ledger.model import Account, AccountState, Entry, Transfer
+from services.ledger.ports import Cursor, LedgerUnitOfWork, StoredResponse
+
+T = TypeVar("T")
+
+
+def _account(row: Any) -> Account:
+    return Account(
+        account_id=row.account_id,
+        owner=row.owner,
+        display_name=row.display_name,
+        currency_code=row.currency_code,
+        balance_minor=row.balance_minor,
+        overdraft_limit_minor=row.overdraft_limit_minor,
+        state=AccountState(row.state),
+        created_at=row.created_at,
+        closed_at=row.closed_at,
+    )
+
+
+class SqlAccounts:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def get(self, account_id: uuid.UUID) -> Account | None:
+        row = self._conn.execute(
+            sa.select(accounts).where(accounts.c.account_id == account_id)
+        ).one_or_none()
+        return None if row is None else _account(row)
+
+    def lock(self, account_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Account]:
+        rows = self._conn.execute(
+            sa.select(accounts)
+            .where(accounts.c.account_id.in_(list(account_ids)))
+            .order_by(accounts.c.account_id)
+            .with_for_update()
+        ).all()
+        return {row.account_id: _account(row) for row in rows}
+
+    def add(self, account: Account) -> None:
+        self._conn.execute(
+            accounts.insert().values(
+                account_id=account.account_id,
+                owner=account.owner,
+                display_name=account.display_name,
+                currency_code=account.currency_code,
+                balance_minor=account.balance_minor,
+                overdraft_limit_minor=account.overdraft_limit_minor,
+                state=account.state.value,
+                created_at=account.created_at,
+                closed_at=account.closed_at,
+            )
+        )
+
+    def save(self, account: Account) -> None:
+        self._conn.execute(
+            accounts.update()
+            .where(accounts.c.account_id == account.account_id)
+            .values(
+                balance_minor=account.balance_minor,
+                state=account.state.value,
+                closed_at=account.closed_at,
+            )
+        )
+
+    def list_by_owner(self, owner: str, after: Cursor | None, limit: int) -> list[Account]:
+        query = sa.select(accounts).where(accounts.c.owner == owner)
+        if after is not None:
+            query = query.where(
+                sa.tuple_(accounts.c.created_at, accounts.c.account_id) > sa.tuple_(*after)
+            )
+        query = query.order_by(accounts.c.created_at, accounts.c.account_id).limit(limit)
+        return [_account(row) for row in self._conn.execute(query)]
+
+    def currency_exists(self, code: str) -> bool:
+        return (
+            self._conn.execute(
+                sa.select(currencies.c.code).where(currencies.c.code == code)
+            ).one_or_none()
+            is not None
+        )
+
+
+class SqlTransfers:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def add(self, transfer: Transfer) -> None:
+        self._conn.execute(
+            transfers.insert().values(
+                transfer_id=transfer.transfer_id,
+                request_id=transfer.request_id,
+                initiated_by=transfer.initiated_by,
+                source_account_id=transfer.source_account_id,
+                destination_account_id=transfer.destination_account_id,
+                amount_minor=transfer.amount_minor,
+                currency_code=transfer.currency_code,
+                description=transfer.description,
+                created_at=transfer.created_at,
+            )
+        )
+        self._conn.execute(
+            ledger_entries.insert(),
+            [
+                {
+                    "entry_id": e.entry_id,
+                    "transfer_id": transfer.transfer_id,
+                    "account_id": e.account_id,
+                    "amount_minor": e.amount_minor,
+                    "currency_code": e.currency_code,
+                    "created_at": transfer.created_at,
+                }
+                for e in transfer.entries
+            ],
+        )
+
+    def _hydrate(self, rows: Sequence[Any]) -> list[Transfer]:
+        if not rows:
+            return []
+        ids = [r.transfer_id for r in rows]
+        entries: dict[uuid.UUID, list[Entry]] = {i: [] for i in ids}
+        for e in self._conn.execute(
+            sa.select(ledger_entries)
+            .where(ledger_entries.c.transfer_id.in_(ids))
+            .order_by(ledger_entries.c.amount_minor)  # debit (negative) first
+        ):
+            entries[e.transfer_id].append(
+                Entry(e.entry_id, e.account_id, e.amount_minor, e.currency_code)
+            )
+        result = []
+        for r in rows:
+            debit, credit = entries[r.transfer_id]
+            result.append(
+                Transfer(
+                    transfer_id=r.transfer_id,
+                    request_id=r.request_id,
+                    initiated_by=r.initiated_by,
+                    source_account_id=r.source_account_id,
+                    destination_account_id=r.destination_account_id,
+                    amount_minor=r.amount_minor,
+                    currency_code=r.currency_code,
+                    description=r.description,
+                    created_at=r.created_at,
+                    entries=(debit, credit),
+                )
+            )
+        return result
+
+    def get(self, transfer_id: uuid.UUID) -> Transfer | None:
+        rows = self._conn.execute(
+            sa.select(transfers).where(transfers.c.transfer_id == transfer_id)
+        ).all()
+        found = self._hydrate(rows)
+        return found[0] if found else None
+
+    def list_for_account(
+        self, account_id: uuid.UUID, before: Cursor | None, limit: int
+    ) -> list[Transfer]:
+        # One index range scan per side (source, destination), merged: an OR over both
+        # columns could not use the (account, created_at, id) indexes for ordering.
+        key = sa.tuple_(transfers.c.created_at, transfers.c.transfer_id)
+        sides = []
+        for column in (transfers.c.source_account_id, transfers.c.destination_account_id):
+            q = sa.select(transfers).where(column == account_id)
+            if before is not None:
+                q = q.where(key < sa.tuple_(*before))
+            sides.append(
+                q.order_by(transfers.c.created_at.desc(), transfers.c.transfer_id.desc()).limit(
+                    limit
+                )
+            )
+        union = sa.union_all(*sides).subquery()
+        rows = self._conn.execute(
+            sa.select(union)
+            .order_by(union.c.created_at.desc(), union.c.transfer_id.desc())
+            .limit(limit)
+        ).all()
+        return self._hydrate(rows)
+
+
+class SqlIdempotency:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def get(self, principal: str, request_id: str) -> StoredResponse | None:
+        row = self._conn.execute(
+            sa.select(
+                idempotency_keys.c.method,
+                idempotency_keys.c.fingerprint,
+                idempotency_keys.c.response,
+            ).where(
+                idempotency_keys.c.principal == principal,
+                idempotency_keys.c.request_id == request_id,
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        return StoredResponse(row.method, bytes(row.fingerprint), bytes(row.response))
+
+    def put(
+        self, principal: str, request_id: str, method: str, fingerprint: bytes, response: bytes
+    ) -> None:
+        # A plain INSERT: if a concurrent transaction stored the same key first, the
+        # unique violation (or the serialization failure PostgreSQL reports instead)
+        # aborts this transaction and the retry finds and replays the stored response.
+        self._conn.execute(
+            pg_insert(idempotency_keys).values(
+                principal=principal,
+                request_id=request_id,
+                method=method,
+                fingerprint=fingerprint,
+                response=response,
+            )
+        )
+
+
+class SqlUnitOfWork:
+    """The three repositories over one connection inside one transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.accounts = SqlAccounts(conn)
+        self.transfers = SqlTransfers(conn)
+        self.idempotency = SqlIdempotency(conn)
+
+
+class SqlTransactionRunner:
+    """Runs a ledger unit of work through the whole-transaction retry helper."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        policy: db.RetryPolicy = db.RetryPolicy(),
+        on_retry: db.RetryObserver | None = None,
+    ) -> None:
+        self._engine = engine
+        self._policy = policy
+        self._on_retry = on_retry
+
+    def __call__(self, work: Callable[[LedgerUnitOfWork], T], *, readonly: bool = False) -> T:
+        return db.run_transaction(
+            self._engine,
+            lambda conn: work(SqlUnitOfWork(conn)),
+            policy=self._policy,
+            readonly=readonly,
+            on_retry=self._on_retry,
+        )

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything meshbank needs on a bare Debian bookworm machine, idempotently:
+# the Debian packages (PostgreSQL 15 server binaries), a virtualenv in .venv and the
+# exactly pinned Python packages. A second run with nothing changed takes ~1 s.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(postgresql-15 postgresql-client-15 python3-venv util-linux procps)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "bootstrap: missing Debian packages: ${missing[*]} (run as root or install them)" >&2
+    exit 1
+  fi
+  echo "bootstrap: installing ${missing[*]}"
+  # Do not let the package create and start the system-wide cluster: meshbank runs
+  # its own PostgreSQL under its state directory.
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/meshbank.conf
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.meshbank-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+  exit 0
+fi
+if [[ ! -x .venv/bin/python ]]; then
+  echo "bootstrap: creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+echo "bootstrap: installing pinned Python packages into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt pip==26.3
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+echo "$want" > "$stamp"
