@@ -149,7 +149,10 @@ class Child:
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                self.argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.started_at = time.monotonic()
@@ -312,8 +315,11 @@ def start_detached(state: Path, timeout: float = 180.0) -> dict[str, Any]:
         with open(state / "supervisor.log", "ab") as out:
             subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "up"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=dict(os.environ, MESHBANK_STATE_DIR=str(state)),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=dict(os.environ, MESHBANK_STATE_DIR=str(state)),
             )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -324,7 +330,9 @@ def start_detached(state: Path, timeout: float = 180.0) -> dict[str, Any]:
             break
         time.sleep(0.5)
     tail = (state / "supervisor.log").read_text(errors="replace").splitlines()[-30:]
-    raise LocalError("meshbank did not become healthy; supervisor.log ends with:\n" + "\n".join(tail))
+    raise LocalError(
+        "meshbank did not become healthy; supervisor.log ends with:\n" + "\n".join(tail)
+    )
 
 
 def stop(state: Path, timeout: float = 60.0) -> bool:

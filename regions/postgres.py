@@ -51,7 +51,9 @@ def _check_binaries() -> None:
         try:
             pwd.getpwnam("postgres")
         except KeyError as exc:
-            raise PostgresError("running as root needs the 'postgres' user (postgresql-15)") from exc
+            raise PostgresError(
+                "running as root needs the 'postgres' user (postgresql-15)"
+            ) from exc
 
 
 @dataclass
@@ -97,9 +99,18 @@ class PostgresNode:
         try:
             result = subprocess.run(
                 [
-                    *_run_as(), str(PG_BIN / "initdb"), "-D", str(self.data_dir),
-                    "-U", SUPERUSER, f"--pwfile={pwfile}", "-A", "scram-sha-256",
-                    "-E", "UTF8", "--locale=C.UTF-8",
+                    *_run_as(),
+                    str(PG_BIN / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    SUPERUSER,
+                    f"--pwfile={pwfile}",
+                    "-A",
+                    "scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
                     # Checksums catch disk corruption; tests skip the fsyncs instead.
                     "--data-checksums" if self.durable else "--no-sync",
                 ],
@@ -166,7 +177,9 @@ class PostgresNode:
 
     def create_database(self, name: str, template: str | None = None) -> None:
         with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if exists:
                 return
             query = f'CREATE DATABASE "{name}"'

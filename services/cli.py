@@ -105,7 +105,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"phase: {status['phase']}")
         for proc in status["processes"]:
             mark = "healthy" if proc["healthy"] else "UNHEALTHY"
-            print(f"  {proc['region']:8} {proc['role']:8} {proc['service']:10} pid={proc['pid']} {mark}")
+            where = f"{proc['region']:8} {proc['role']:8} {proc['service']:10}"
+            print(f"  {where} pid={proc['pid']} {mark}")
         for name, address in status["endpoints"].items():
             print(f"  {name}: {address}")
     return 0 if status["phase"] == "running" else 3
@@ -202,13 +203,16 @@ def parser() -> argparse.ArgumentParser:
     s = partners.add_parser("create", help="create a partner; prints its client secret once")
     s.add_argument("name")
     s.add_argument(
-        "--scopes", required=True,
+        "--scopes",
+        required=True,
         help="comma-separated: accounts.read,accounts.write,accounts.admin,"
         "transfers.read,transfers.write",
     )
     s.set_defaults(func=cmd_partners_create)
 
-    auth = sub.add_parser("auth", help="token signing keys").add_subparsers(dest="sub", required=True)
+    auth = sub.add_parser("auth", help="token signing keys").add_subparsers(
+        dest="sub", required=True
+    )
     s = auth.add_parser("rotate-keys", help="add a new signing key")
     s.set_defaults(func=cmd_rotate_keys)
     return p

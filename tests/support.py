@@ -39,7 +39,7 @@ def failure(call: Callable[[], Any]) -> RpcFailure:
     try:
         call()
     except grpc.RpcError as err:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)
         reason = None
         violations: dict[str, str] = {}
         metadata: dict[str, str] = {}
@@ -54,5 +54,5 @@ def failure(call: Callable[[], Any]) -> RpcFailure:
                     bad = error_details_pb2.BadRequest()
                     detail.Unpack(bad)
                     violations = {v.field: v.description for v in bad.field_violations}
-        return RpcFailure(err.code(), err.details() or "", reason, violations, metadata)  # type: ignore[attr-defined]
+        return RpcFailure(err.code(), err.details() or "", reason, violations, metadata)
     raise AssertionError("the call succeeded but was expected to fail")

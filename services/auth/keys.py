@@ -93,10 +93,9 @@ def generate_signing_key() -> SigningKey:
 
 def load_signing_key(kid: str, pem: str, passphrase: str | bytes) -> SigningKey:
     """Decrypt a stored private key and check that it is the key ``kid`` names."""
+    password = _passphrase_bytes(passphrase)
     try:
-        private_key = serialization.load_pem_private_key(
-            pem.encode("ascii"), password=_passphrase_bytes(passphrase)
-        )
+        private_key = serialization.load_pem_private_key(pem.encode("ascii"), password=password)
     except (ValueError, TypeError) as exc:
         # cryptography's message says "incorrect password" or "could not deserialize";
         # neither contains key material, but we keep our own wording stable.

@@ -112,7 +112,9 @@ class TokenVerifier:
         """Return the principal of a valid token; raise ``errors.Unauthenticated`` otherwise.
 
         Reasons: TOKEN_EXPIRED (ask for a new one), UNKNOWN_SIGNING_KEY (signed by a key
-        this service does not trust) and TOKEN_INVALID (everything else).
+        this service does not trust) and TOKEN_INVALID (everything else). A key source
+        that cannot reach its keys raises ``errors.Unavailable``, which callers should
+        pass on: the client may retry, its token is not at fault.
         """
         if not token:
             raise _invalid("it is empty")

@@ -28,7 +28,9 @@ class ServiceConfig:
     instance_id: str
 
 
-def _int(env: Mapping[str, str], name: str, default: int, problems: list[str], lo: int, hi: int) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, problems: list[str], lo: int, hi: int
+) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -50,7 +52,9 @@ def _listen(env: Mapping[str, str], problems: list[str]) -> str:
     return value
 
 
-def load(env: Mapping[str, str] | None = None, *, needs_key_passphrase: bool = False) -> ServiceConfig:
+def load(
+    env: Mapping[str, str] | None = None, *, needs_key_passphrase: bool = False
+) -> ServiceConfig:
     """Build the configuration from ``env`` (default: ``os.environ``) or raise ConfigError."""
     env = os.environ if env is None else env
     problems: list[str] = []

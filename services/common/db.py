@@ -115,6 +115,8 @@ def is_retryable(exc: BaseException) -> bool:
     return sqlstate in RETRYABLE_SQLSTATES or sqlstate.startswith("08")
 
 
+DEFAULT_POLICY = RetryPolicy()
+
 # Called once per retry with the attempt number and the error; services count them.
 RetryObserver = Callable[[int, BaseException], None]
 
@@ -123,7 +125,7 @@ def run_transaction(
     engine: Engine,
     work: Callable[[Connection], T],
     *,
-    policy: RetryPolicy = RetryPolicy(),
+    policy: RetryPolicy = DEFAULT_POLICY,
     readonly: bool = False,
     on_retry: RetryObserver | None = None,
     rng: random.Random | None = None,

@@ -75,7 +75,8 @@ def to_status(err: errors.DomainError) -> grpc.Status:
                 error_details_pb2.PreconditionFailure(
                     violations=[
                         error_details_pb2.PreconditionFailure.Violation(
-                            type=err.reason, subject=err.metadata.get("subject", ""),
+                            type=err.reason,
+                            subject=err.metadata.get("subject", ""),
                             description=err.message,
                         )
                     ]
@@ -84,7 +85,10 @@ def to_status(err: errors.DomainError) -> grpc.Status:
         )
     elif isinstance(err, errors.Unavailable):
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay={"nanos": 200_000_000})))
-    return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code, message=err.message, details=details)
+    )
+    return status
 
 
 def abort(context: grpc.ServicerContext, err: errors.DomainError) -> NoReturn:

@@ -18,6 +18,6 @@ def request_key(method: str, request: Message) -> RequestKey:
     body = type(request)()
     body.CopyFrom(request)
     request_id: str = getattr(request, "request_id")  # noqa: B009 - every mutating request has it
-    body.ClearField("request_id")  # type: ignore[arg-type]
+    body.ClearField("request_id")
     digest = hashlib.sha256(method.encode() + b"\0" + body.SerializeToString(deterministic=True))
     return RequestKey(request_id=request_id, method=method, fingerprint=digest.digest())

@@ -62,7 +62,9 @@ def run_server(
     for reg in registrations:
         reg.add(reg.servicer, server)
     names = [reg.name for reg in registrations]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
@@ -76,7 +78,9 @@ def run_server(
         running.stop(grace)
 
 
-def serve(registrations: Sequence[Registration], address: str, *, workers: int, grace: float) -> None:
+def serve(
+    registrations: Sequence[Registration], address: str, *, workers: int, grace: float
+) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     stop = threading.Event()
 

@@ -107,9 +107,7 @@ class LedgerService:
                 )
             return Outcome(stored.response, replayed=True)
         response = effect()
-        uow.idempotency.put(
-            principal.name, key.request_id, key.method, key.fingerprint, response
-        )
+        uow.idempotency.put(principal.name, key.request_id, key.method, key.fingerprint, response)
         return Outcome(response, replayed=False)
 
     # -- accounts --------------------------------------------------------------------

@@ -120,13 +120,14 @@ def post_transfer(
 
     for account in (source, destination):
         if account.state is not AccountState.OPEN:
-            raise _precondition("ACCOUNT_CLOSED", f"account {account.account_id} is closed", account)
+            raise _precondition(
+                "ACCOUNT_CLOSED", f"account {account.account_id} is closed", account
+            )
     for account in (source, destination):
         if account.currency_code != currency_code:
             raise _precondition(
                 "CURRENCY_MISMATCH",
-                f"account {account.account_id} holds {account.currency_code}, "
-                f"not {currency_code}",
+                f"account {account.account_id} holds {account.currency_code}, not {currency_code}",
                 account,
             )
     if amount_minor > source.available_minor:

@@ -81,7 +81,11 @@ class SqlAccounts:
         query = sa.select(accounts).where(accounts.c.owner == owner)
         if after is not None:
             query = query.where(
-                sa.tuple_(accounts.c.created_at, accounts.c.account_id) > sa.tuple_(*after)
+                sa.tuple_(accounts.c.created_at, accounts.c.account_id)
+                > sa.tuple_(
+                    sa.literal(after[0], accounts.c.created_at.type),
+                    sa.literal(after[1], accounts.c.account_id.type),
+                )
             )
         query = query.order_by(accounts.c.created_at, accounts.c.account_id).limit(limit)
         return [_account(row) for row in self._conn.execute(query)]
@@ -177,7 +181,13 @@ class SqlTransfers:
         for column in (transfers.c.source_account_id, transfers.c.destination_account_id):
             q = sa.select(transfers).where(column == account_id)
             if before is not None:
-                q = q.where(key < sa.tuple_(*before))
+                q = q.where(
+                    key
+                    < sa.tuple_(
+                        sa.literal(before[0], transfers.c.created_at.type),
+                        sa.literal(before[1], transfers.c.transfer_id.type),
+                    )
+                )
             sides.append(
                 q.order_by(transfers.c.created_at.desc(), transfers.c.transfer_id.desc()).limit(
                     limit
@@ -244,7 +254,7 @@ class SqlTransactionRunner:
         self,
         engine: Engine,
         *,
-        policy: db.RetryPolicy = db.RetryPolicy(),
+        policy: db.RetryPolicy = db.DEFAULT_POLICY,
         on_retry: db.RetryObserver | None = None,
     ) -> None:
         self._engine = engine

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+
 from services.common import pagination, validation
 from services.common.authn import Verifier, authenticate
 from services.common.errors import Violations
@@ -75,9 +75,7 @@ class TransferServicer(transfer_pb2_grpc.TransferServiceServicer):
                 description=request.description,
             ),
             request_key("CreateTransfer", request),
-            lambda t: transfer_pb2.CreateTransferResponse(
-                transfer=to_proto(t)
-            ).SerializeToString(),
+            lambda t: transfer_pb2.CreateTransferResponse(transfer=to_proto(t)).SerializeToString(),
         )
         return transfer_pb2.CreateTransferResponse.FromString(outcome.response)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy.engine import Engine
-
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2_grpc
+from sqlalchemy.engine import Engine
+
 from regions import migrate
 from regions.postgres import PostgresError, PostgresNode
 from services import app
@@ -38,9 +38,7 @@ def pg_node() -> Iterator[PostgresNode]:
     node = None
     try:
         for _ in range(5):
-            node = PostgresNode(
-                base / "pg", free_port(), secrets.token_urlsafe(16), durable=False
-            )
+            node = PostgresNode(base / "pg", free_port(), secrets.token_urlsafe(16), durable=False)
             node.init()
             try:
                 node.start()
@@ -93,8 +91,8 @@ class Caller:
     token: str
 
     @property
-    def md(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token}")]
+    def md(self) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.token}"),)
 
 
 class Stack:
@@ -114,7 +112,7 @@ class Stack:
     def unique(self, prefix: str) -> str:
         return f"{prefix}{os.getpid()}x{next(self._n)}"
 
-    def user(self, password: str = "correct horse battery") -> Caller:
+    def user(self, password: str = "correct horse battery") -> Caller:  # noqa: S107
         username = self.unique("user")
         self.admin.create_user(username, password)
         reply = self.auth.Login(auth_pb2.LoginRequest(username=username, password=password))
@@ -130,7 +128,10 @@ class Stack:
     def open(self, who: Caller, currency: str = "USD", **kw: object) -> str:
         reply = self.accounts.CreateAccount(
             account_pb2.CreateAccountRequest(
-                request_id=self.unique("open-"), currency_code=currency, display_name="t", **kw  # type: ignore[arg-type]
+                request_id=self.unique("open-"),
+                currency_code=currency,
+                display_name="t",
+                **kw,  # type: ignore[arg-type]
             ),
             metadata=who.md,
         )
@@ -170,8 +171,10 @@ def stack(database_url: str) -> Iterator[Stack]:
     built = app.build(service_config(database_url), {"auth", "account", "transfer"})
     admin = app.auth_admin(database_url)
     try:
-        with run_server(built.registrations, "127.0.0.1:0", workers=32, grace=1) as running:
-            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                yield Stack(channel, running.port, admin)
+        with (
+            run_server(built.registrations, "127.0.0.1:0", workers=32, grace=1) as running,
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+        ):
+            yield Stack(channel, running.port, admin)
     finally:
         built.engine.dispose()

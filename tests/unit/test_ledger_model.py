@@ -13,7 +13,9 @@ from services.ledger.model import INT64_MAX, Account, AccountState, post_transfe
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def account(balance: int = 0, *, currency: str = "USD", overdraft: int = 0, **kw: object) -> Account:
+def account(
+    balance: int = 0, *, currency: str = "USD", overdraft: int = 0, **kw: object
+) -> Account:
     fields: dict[str, object] = {
         "account_id": uuid.uuid4(),
         "owner": "users/alice",

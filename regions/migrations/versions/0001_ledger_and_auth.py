@@ -127,14 +127,10 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "balance_minor >= -overdraft_limit_minor", name="ck_accounts_within_overdraft"
         ),
-        sa.CheckConstraint(
-            "overdraft_limit_minor >= 0", name="ck_accounts_overdraft_non_negative"
-        ),
+        sa.CheckConstraint("overdraft_limit_minor >= 0", name="ck_accounts_overdraft_non_negative"),
         sa.CheckConstraint("state IN ('open', 'closed')", name="ck_accounts_state_known"),
     )
-    op.create_index(
-        "ix_accounts_owner_created", "accounts", ["owner", "created_at", "account_id"]
-    )
+    op.create_index("ix_accounts_owner_created", "accounts", ["owner", "created_at", "account_id"])
     op.create_table(
         "transfers",
         sa.Column("transfer_id", UUID(as_uuid=True), nullable=False),
@@ -148,11 +144,13 @@ def upgrade() -> None:
         sa.Column("created_at", TZ, nullable=False),
         sa.PrimaryKeyConstraint("transfer_id", name="pk_transfers"),
         sa.ForeignKeyConstraint(
-            ["source_account_id"], ["accounts.account_id"],
+            ["source_account_id"],
+            ["accounts.account_id"],
             name="fk_transfers_source_account_id_accounts",
         ),
         sa.ForeignKeyConstraint(
-            ["destination_account_id"], ["accounts.account_id"],
+            ["destination_account_id"],
+            ["accounts.account_id"],
             name="fk_transfers_destination_account_id_accounts",
         ),
         sa.ForeignKeyConstraint(
@@ -183,15 +181,18 @@ def upgrade() -> None:
         sa.Column("created_at", TZ, nullable=False),
         sa.PrimaryKeyConstraint("entry_id", name="pk_ledger_entries"),
         sa.ForeignKeyConstraint(
-            ["transfer_id"], ["transfers.transfer_id"],
+            ["transfer_id"],
+            ["transfers.transfer_id"],
             name="fk_ledger_entries_transfer_id_transfers",
         ),
         sa.ForeignKeyConstraint(
-            ["account_id"], ["accounts.account_id"],
+            ["account_id"],
+            ["accounts.account_id"],
             name="fk_ledger_entries_account_id_accounts",
         ),
         sa.ForeignKeyConstraint(
-            ["currency_code"], ["currencies.code"],
+            ["currency_code"],
+            ["currencies.code"],
             name="fk_ledger_entries_currency_code_currencies",
         ),
         sa.CheckConstraint("amount_minor <> 0", name="ck_ledger_entries_amount_non_zero"),
@@ -229,8 +230,15 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for table in (
-        "idempotency_keys", "ledger_entries", "transfers", "accounts", "refresh_tokens",
-        "signing_keys", "partners", "users", "currencies",
+        "idempotency_keys",
+        "ledger_entries",
+        "transfers",
+        "accounts",
+        "refresh_tokens",
+        "signing_keys",
+        "partners",
+        "users",
+        "currencies",
     ):
         op.drop_table(table)
     if op.get_bind().dialect.name == "postgresql":
