@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Engine
+
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
-from sqlalchemy.engine import Engine
-
 from services.account.servicer import AccountServicer
 from services.auth import sql as auth_sql
 from services.auth.handlers import AuthService

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
-
 from regions import local
 from services import app
 from services.common import errors

@@ -37,6 +37,11 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
 echo "bootstrap: installing pinned Python packages into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt pip==26.3
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+# pip's output minus the noise of this machine's extra (absent) local indexes and
+# setuptools' editable-install banner; errors still show and still fail the script.
+quiet() {
+  "$@" 2>&1 | { grep -v -E "Location 'file:|BuildBackendWarning|^ *!!|\*{10}|Please be careful|name as your package|with strategy, WheelFile|^ *$" || true; }
+}
+quiet .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt pip==26.3
+quiet .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 echo "$want" > "$stamp"

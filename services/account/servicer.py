@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from meshbank.account.v1 import account_pb2, account_pb2_grpc
 
+from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from services.common import pagination, validation
 from services.common.authn import Verifier, authenticate
 from services.common.errors import Violations

@@ -110,9 +110,7 @@ def _required(violations: errors.Violations, name: str, value: str) -> None:
 
 
 def _bad_credentials() -> errors.Unauthenticated:
-    return errors.Unauthenticated(
-        "the credentials are not valid", reason=INVALID_CREDENTIALS
-    )
+    return errors.Unauthenticated("the credentials are not valid", reason=INVALID_CREDENTIALS)
 
 
 def _invalid_refresh_token() -> errors.Unauthenticated:
@@ -286,7 +284,11 @@ class AuthService:
         )
 
     def _new_refresh_token(
-        self, token: str, family_id: uuid.UUID, subject: str, scopes: frozenset[str],
+        self,
+        token: str,
+        family_id: uuid.UUID,
+        subject: str,
+        scopes: frozenset[str],
         now: datetime,
     ) -> RefreshToken:
         return RefreshToken(
@@ -372,8 +374,7 @@ class AuthService:
         elif name != name.strip() or len(name) > MAX_PARTNER_NAME_LENGTH:
             violations.add(
                 "name",
-                f"must be at most {MAX_PARTNER_NAME_LENGTH} characters without surrounding "
-                "spaces",
+                f"must be at most {MAX_PARTNER_NAME_LENGTH} characters without surrounding spaces",
             )
         if not wanted:
             violations.add("scopes", "at least one scope is required")

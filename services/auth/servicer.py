@@ -7,8 +7,8 @@ become rich statuses through ``translate_errors``.
 from __future__ import annotations
 
 import grpc
-from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 
+from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.auth.handlers import AuthService
 from services.common.grpc_errors import translate_errors
 
@@ -23,7 +23,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     @translate_errors
     def Login(
-        self, request: auth_pb2.LoginRequest, context: grpc.ServicerContext  # noqa: ARG002
+        self,
+        request: auth_pb2.LoginRequest,
+        context: grpc.ServicerContext,
     ) -> auth_pb2.LoginResponse:
         grant = self._auth.login(request.username, request.password)
         return auth_pb2.LoginResponse(
@@ -36,7 +38,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     @translate_errors
     def IssueClientToken(
-        self, request: auth_pb2.IssueClientTokenRequest, context: grpc.ServicerContext  # noqa: ARG002
+        self,
+        request: auth_pb2.IssueClientTokenRequest,
+        context: grpc.ServicerContext,
     ) -> auth_pb2.IssueClientTokenResponse:
         grant = self._auth.issue_client_token(
             request.client_id, request.client_secret, request.scopes
@@ -50,7 +54,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     @translate_errors
     def RefreshToken(
-        self, request: auth_pb2.RefreshTokenRequest, context: grpc.ServicerContext  # noqa: ARG002
+        self,
+        request: auth_pb2.RefreshTokenRequest,
+        context: grpc.ServicerContext,
     ) -> auth_pb2.RefreshTokenResponse:
         grant = self._auth.refresh(request.refresh_token)
         return auth_pb2.RefreshTokenResponse(
@@ -63,14 +69,18 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     @translate_errors
     def RevokeToken(
-        self, request: auth_pb2.RevokeTokenRequest, context: grpc.ServicerContext  # noqa: ARG002
+        self,
+        request: auth_pb2.RevokeTokenRequest,
+        context: grpc.ServicerContext,
     ) -> auth_pb2.RevokeTokenResponse:
         self._auth.revoke(request.token)
         return auth_pb2.RevokeTokenResponse()
 
     @translate_errors
     def GetJwks(
-        self, request: auth_pb2.GetJwksRequest, context: grpc.ServicerContext  # noqa: ARG002
+        self,
+        request: auth_pb2.GetJwksRequest,
+        context: grpc.ServicerContext,
     ) -> auth_pb2.GetJwksResponse:
         return auth_pb2.GetJwksResponse(
             keys=[

@@ -46,9 +46,7 @@ class SqlUserRepository:
         self._conn = conn
 
     def get_by_username(self, username: str) -> User | None:
-        row = self._conn.execute(
-            sa.select(users).where(users.c.username == username)
-        ).one_or_none()
+        row = self._conn.execute(sa.select(users).where(users.c.username == username)).one_or_none()
         if row is None:
             return None
         return User(row.user_id, row.username, row.password_hash, row.created_at)
@@ -98,9 +96,7 @@ class SqlPartnerRepository:
         return None if row is None else _partner(row)
 
     def get_by_name(self, name: str) -> Partner | None:
-        row = self._conn.execute(
-            sa.select(partners).where(partners.c.name == name)
-        ).one_or_none()
+        row = self._conn.execute(sa.select(partners).where(partners.c.name == name)).one_or_none()
         return None if row is None else _partner(row)
 
     def add(self, partner: Partner) -> None:
@@ -217,9 +213,7 @@ class SqlRefreshTokenRepository:
     def revoke_family(self, family_id: uuid.UUID, now: datetime) -> int:
         result = self._conn.execute(
             refresh_tokens.update()
-            .where(
-                refresh_tokens.c.family_id == family_id, refresh_tokens.c.revoked_at.is_(None)
-            )
+            .where(refresh_tokens.c.family_id == family_id, refresh_tokens.c.revoked_at.is_(None))
             .values(revoked_at=now)
         )
         return result.rowcount

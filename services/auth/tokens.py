@@ -60,9 +60,7 @@ class TokenIssuer:
         self.audience = audience
         self.ttl_seconds = ttl_seconds
 
-    def issue(
-        self, subject: str, scopes: Iterable[str], key: SigningKey, now: datetime
-    ) -> str:
+    def issue(self, subject: str, scopes: Iterable[str], key: SigningKey, now: datetime) -> str:
         """Return a signed JWT for ``subject`` carrying ``scopes``, valid from ``now``."""
         issued_at = _epoch_seconds(now)
         claims: dict[str, Any] = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
 
+from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
 from services.common import pagination, validation
 from services.common.authn import Verifier, authenticate
 from services.common.errors import Violations

@@ -6,6 +6,7 @@ The state folder and ports are the test's own; whatever happens, the finalizer r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -56,10 +57,8 @@ def deployment() -> Iterator[dict[str, Any]]:
         if status.exists():
             for proc in json.loads(status.read_text())["processes"]:
                 if proc.get("pid"):
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(proc["pid"], signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -91,7 +90,8 @@ def test_up_runs_everything_healthy(deployment: dict[str, Any]) -> None:
         ("service", "transfer"),
     }
     assert all(p["healthy"] for p in st["processes"])
-    assert "grpcurl" in deployment["up"] and "meshbank down" in deployment["up"]
+    assert "grpcurl" in deployment["up"]
+    assert "meshbank down" in deployment["up"]
 
 
 def test_reflection_lists_the_three_services(deployment: dict[str, Any]) -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy.engine import Engine
+
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2_grpc
-from sqlalchemy.engine import Engine
-
 from regions import migrate
 from regions.postgres import PostgresError, PostgresNode
 from services import app

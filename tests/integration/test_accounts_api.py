@@ -6,8 +6,8 @@ import uuid
 
 import grpc
 import pytest
-from meshbank.account.v1 import account_pb2
 
+from meshbank.account.v1 import account_pb2
 from tests.integration.conftest import Caller, Stack
 from tests.support import failure
 

@@ -11,10 +11,10 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from meshbank.account.v1 import account_pb2
-from meshbank.transfer.v1 import transfer_pb2
 from sqlalchemy.engine import Engine
 
+from meshbank.account.v1 import account_pb2
+from meshbank.transfer.v1 import transfer_pb2
 from tests.integration.conftest import Caller, Stack
 from tests.support import failure
 

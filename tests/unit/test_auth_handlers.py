@@ -21,8 +21,8 @@ import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from meshbank.auth.v1 import auth_pb2
 
+from meshbank.auth.v1 import auth_pb2
 from services.auth.handlers import AuthService, TokenGrant
 from services.auth.keys import KeyLoadError, public_key_from_jwk
 from services.auth.passwords import Passwords
@@ -45,8 +45,13 @@ AUDIENCE = "meshbank"
 PASSPHRASE = "unit test passphrase"
 PASSWORD = "correct horse battery"
 FAST = argon2.Parameters(
-    type=argon2.Type.ID, version=19, salt_len=16, hash_len=32,
-    time_cost=1, memory_cost=8, parallelism=1,
+    type=argon2.Type.ID,
+    version=19,
+    salt_len=16,
+    hash_len=32,
+    time_cost=1,
+    memory_cost=8,
+    parallelism=1,
 )
 
 
@@ -299,8 +304,11 @@ def test_login_upgrades_an_outdated_password_hash() -> None:
     old_hash = old.state.users["alice"].password_hash
     stronger = CountingPasswords(dataclasses.replace(FAST, time_cost=2))
     upgraded = AuthService(
-        old.runner, TokenIssuer(ISSUER, AUDIENCE), stronger,
-        key_passphrase=PASSPHRASE, clock=old.clock,
+        old.runner,
+        TokenIssuer(ISSUER, AUDIENCE),
+        stronger,
+        key_passphrase=PASSPHRASE,
+        clock=old.clock,
     )
     upgraded.login("alice", PASSWORD)
     new_hash = old.state.users["alice"].password_hash
@@ -574,9 +582,7 @@ def test_revoke_kills_the_whole_family_only(env: Env) -> None:
     assert caught.value.reason == "INVALID_REFRESH_TOKEN"
     family = env.state.refresh_tokens[sha256(first)].family_id
     assert all(
-        t.revoked_at is not None
-        for t in env.state.refresh_tokens.values()
-        if t.family_id == family
+        t.revoked_at is not None for t in env.state.refresh_tokens.values() if t.family_id == family
     )
     assert env.state.refresh_tokens[sha256(other_session)].revoked_at is None
     assert env.auth.refresh(other_session).refresh_token
@@ -620,8 +626,11 @@ def test_ensure_signing_key_is_idempotent(env: Env) -> None:
 
 def test_ensure_signing_key_fails_fast_on_the_wrong_passphrase(env: Env) -> None:
     fresh = AuthService(
-        env.runner, TokenIssuer(ISSUER, AUDIENCE), env.passwords,
-        key_passphrase="not the passphrase", clock=env.clock,
+        env.runner,
+        TokenIssuer(ISSUER, AUDIENCE),
+        env.passwords,
+        key_passphrase="not the passphrase",
+        clock=env.clock,
     )
     with pytest.raises(KeyLoadError):
         fresh.ensure_signing_key()
@@ -732,9 +741,10 @@ def test_servicer_login_and_refresh(env: Env, servicer: AuthServicer) -> None:
     assert refreshed.token_type == "Bearer"
     assert refreshed.refresh_token
     assert refreshed.refresh_token != response.refresh_token
-    assert servicer.RevokeToken(
-        auth_pb2.RevokeTokenRequest(token=refreshed.refresh_token), ctx()
-    ) == auth_pb2.RevokeTokenResponse()
+    assert (
+        servicer.RevokeToken(auth_pb2.RevokeTokenRequest(token=refreshed.refresh_token), ctx())
+        == auth_pb2.RevokeTokenResponse()
+    )
 
 
 def test_servicer_client_token_and_jwks(env: Env, servicer: AuthServicer) -> None:

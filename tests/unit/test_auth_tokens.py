@@ -55,8 +55,14 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def issue(key: SigningKey, *, at: datetime | None = None, issuer: str = ISSUER,
-          audience: str = AUDIENCE, ttl: int = 900) -> str:
+def issue(
+    key: SigningKey,
+    *,
+    at: datetime | None = None,
+    issuer: str = ISSUER,
+    audience: str = AUDIENCE,
+    ttl: int = 900,
+) -> str:
     return TokenIssuer(issuer, audience, ttl).issue(
         "users/alice", ["transfers.write", "accounts.read"], key, at or now()
     )
@@ -69,15 +75,23 @@ def segment(obj: dict[str, Any]) -> str:
 def good_claims() -> dict[str, Any]:
     t = int(time.time())
     return {
-        "iss": ISSUER, "aud": AUDIENCE, "sub": "users/mallory", "scope": "accounts.admin",
-        "iat": t, "nbf": t, "exp": t + 600, "jti": "x",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "users/mallory",
+        "scope": "accounts.admin",
+        "iat": t,
+        "nbf": t,
+        "exp": t + 600,
+        "jti": "x",
     }
 
 
 def sign_eddsa(key: SigningKey, claims: dict[str, Any], **header: Any) -> str:
     """A token signed with a real key by PyJWT directly, bypassing our issuer's choices."""
     return jwt.encode(
-        claims, key.private_key, algorithm="EdDSA",
+        claims,
+        key.private_key,
+        algorithm="EdDSA",
         headers={"kid": key.kid, "typ": "at+jwt", **header},
     )
 
@@ -197,7 +211,7 @@ def test_tampered_signature(key: SigningKey, verifier: TokenVerifier) -> None:
     header, payload, signature = issue(key).split(".")
     middle = len(signature) // 2
     flipped = "A" if signature[middle] != "A" else "B"
-    token = f"{header}.{payload}.{signature[:middle]}{flipped}{signature[middle + 1:]}"
+    token = f"{header}.{payload}.{signature[:middle]}{flipped}{signature[middle + 1 :]}"
     expect_unauthenticated(verifier, token, "TOKEN_INVALID")
 
 
@@ -213,8 +227,7 @@ def test_unknown_kid(verifier: TokenVerifier) -> None:
 
 
 def test_missing_kid(key: SigningKey, verifier: TokenVerifier) -> None:
-    token = jwt.encode(good_claims(), key.private_key, algorithm="EdDSA",
-                       headers={"typ": "at+jwt"})
+    token = jwt.encode(good_claims(), key.private_key, algorithm="EdDSA", headers={"typ": "at+jwt"})
     assert "kid" in expect_unauthenticated(verifier, token, "TOKEN_INVALID")
 
 
