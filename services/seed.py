@@ -31,7 +31,7 @@ DEMO_PARTNER = "demo-partner"
 def seed_demo(state: Path, secret: dict[str, str], endpoints: Mapping[str, str]) -> dict[str, str]:
     """Create the demo user, partner, treasury and funded accounts once; return the secrets."""
     secret = dict(secret)
-    admin = app.auth_admin(local.postgres_node(state, local.Ports.from_env(), secret).url())
+    admin = app.auth_admin(local.postgres_node(state, local.load_topology(), secret).url())
     if "demo_password" not in secret:
         secret["demo_password"] = secrets.token_urlsafe(12)
         try:
@@ -45,14 +45,11 @@ def seed_demo(state: Path, secret: dict[str, str], endpoints: Mapping[str, str])
         secret.update(demo_client_id=client_id, demo_client_secret=client_secret)
         local.save_secrets(state, secret)
 
-    with (
-        grpc.insecure_channel(endpoints["auth_grpc"]) as auth_ch,
-        grpc.insecure_channel(endpoints["account_grpc"]) as account_ch,
-        grpc.insecure_channel(endpoints["transfer_grpc"]) as transfer_ch,
-    ):
-        auth = auth_pb2_grpc.AuthServiceStub(auth_ch)
-        accounts = account_pb2_grpc.AccountServiceStub(account_ch)
-        transfers = transfer_pb2_grpc.TransferServiceStub(transfer_ch)
+    # Through the global entry, like any client: this also proves the whole path works.
+    with grpc.insecure_channel(endpoints["global_grpc"]) as channel:
+        auth = auth_pb2_grpc.AuthServiceStub(channel)
+        accounts = account_pb2_grpc.AccountServiceStub(channel)
+        transfers = transfer_pb2_grpc.TransferServiceStub(channel)
 
         partner_token = auth.IssueClientToken(
             auth_pb2.IssueClientTokenRequest(
@@ -97,62 +94,60 @@ def seed_demo(state: Path, secret: dict[str, str], endpoints: Mapping[str, str])
 
 
 def print_quickstart(state: Path, status: Mapping[str, Any]) -> None:
-    """Tell a person how to call the running system (grpcurl and Python)."""
+    """Tell a person how to call the running system: REST with curl, gRPC with grpcurl."""
     secret = local.load_secrets(state)
     ep = status["endpoints"]
+    entry = ep["global_rest"]
     venv_bin = Path(__file__).resolve().parent.parent / ".venv" / "bin"
     grpcurl = venv_bin / "grpcurl" if (venv_bin / "grpcurl").exists() else Path("grpcurl")
-    login = shlex.quote(f'{{"username":"demo","password":"{secret["demo_password"]}"}}')
-    # A fixed request_id: pasting the command twice replays the transfer, it does not
-    # move the money twice.
-    transfer = shlex.quote(
-        json.dumps(
-            {
-                "request_id": f"quickstart-{secrets.token_hex(4)}",
-                "source_account_id": secret["demo_checking"],
-                "destination_account_id": secret["demo_savings"],
-                "amount_minor": "2500",
-                "currency_code": "USD",
-                "description": "from the quick start",
-            }
-        )
-    )
-    list_transfers = shlex.quote(json.dumps({"account_id": secret["demo_checking"]}))
-    extract = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])'"
+    login = shlex.quote(json.dumps({"username": DEMO_USER, "password": secret["demo_password"]}))
+    # A fixed request_id: pasting a command twice replays the transfer, it does not move
+    # the money twice.
+    body = {
+        "source_account_id": secret["demo_checking"],
+        "destination_account_id": secret["demo_savings"],
+        "amount_minor": "2500",
+        "currency_code": "USD",
+        "description": "from the quick start",
+    }
+    rest_body = shlex.quote(json.dumps({"request_id": f"rest-{secrets.token_hex(4)}", **body}))
+    grpc_body = shlex.quote(json.dumps({"request_id": f"grpc-{secrets.token_hex(4)}", **body}))
+    regions = ", ".join(status["regions"])
+    per_location = "\n".join(f"    {r:8} {a}" for r, a in ep["global"].items())
+    edges = "\n".join(f"    {r:8} {a}" for r, a in ep["edges"].items())
+    running = sum(1 for p in status["processes"] if p["healthy"])
     print(
         f"""
-meshbank is up (state in {state}).
+meshbank is up: {running} processes healthy in {regions} (state in {state}).
 
-  auth      {ep["auth_grpc"]}   meshbank.auth.v1.AuthService
-  account   {ep["account_grpc"]}   meshbank.account.v1.AccountService
-  transfer  {ep["transfer_grpc"]}   meshbank.transfer.v1.TransferService
-  postgres  {ep["postgres"]}
+  global entry (clients in {ep["default_location"]}): {entry}   gRPC and REST/JSON
+  global entry per client location:
+{per_location}
+  regional edges:
+{edges}
 
-Demo user 'demo', password {secret["demo_password"]}; accounts Checking
+Demo user 'demo' (password {secret["demo_password"]}) owns Checking
 {secret["demo_checking"]} (funded with 1,000.00 USD) and Savings {secret["demo_savings"]}.
-Demo partner client_id {secret["demo_client_id"]} (secret in {state / "secrets.json"}).
 
-List the services by reflection:
-  {grpcurl} -plaintext {ep["account_grpc"]} list
+REST (the partner API):
+  TOKEN=$(curl -s -X POST http://{entry}/v1/auth:login -d {login} \\
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["accessToken"])')
+  curl -s -X POST http://{entry}/v1/transfers -H "authorization: Bearer $TOKEN" -d {rest_body}
+  curl -s http://{entry}/v1/accounts/{secret["demo_checking"]}/transfers \\
+      -H "authorization: Bearer $TOKEN"
 
-Log in, then move 25.00 USD from Checking to Savings and read it back:
-  TOKEN=$({grpcurl} -plaintext -d {login} {ep["auth_grpc"]} \\
-      meshbank.auth.v1.AuthService/Login | {extract})
-  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" -d {transfer} \\
-      {ep["transfer_grpc"]} meshbank.transfer.v1.TransferService/CreateTransfer
-  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" -d {list_transfers} \\
-      {ep["transfer_grpc"]} meshbank.transfer.v1.TransferService/ListTransfers
+gRPC (the internal API; the same methods):
+  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" -d {grpc_body} \\
+      {entry} meshbank.transfer.v1.TransferService/CreateTransfer
 
 From Python, with the generated stubs:
   import grpc
-  from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
   from meshbank.account.v1 import account_pb2, account_pb2_grpc
-  token = auth_pb2_grpc.AuthServiceStub(grpc.insecure_channel("{ep["auth_grpc"]}")).Login(
-      auth_pb2.LoginRequest(username="demo", password="{secret["demo_password"]}")).access_token
-  accounts = account_pb2_grpc.AccountServiceStub(grpc.insecure_channel("{ep["account_grpc"]}"))
+  channel = grpc.insecure_channel("{ep["global_grpc"]}")
+  accounts = account_pb2_grpc.AccountServiceStub(channel)
   print(accounts.ListAccounts(account_pb2.ListAccountsRequest(),
-                              metadata=[("authorization", f"Bearer {{token}}")]))
+                              metadata=[("authorization", "Bearer " + token)]))
 
-`meshbank status` shows the processes, `meshbank down` stops everything.
+`meshbank status` shows every process, `meshbank down` stops everything.
 """
     )

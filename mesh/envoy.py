@@ -1,0 +1,610 @@
+"""Envoy configuration for every proxy of the mesh, generated from the topology alone.
+
+* ``sidecar``: one per service instance. An mTLS inbound listener that accepts only the
+  edges' identities and forwards to the service on loopback over HTTP/2, and an
+  outbound TCP listener the service uses to reach the database.
+* ``edge``: one per region. gRPC and REST/JSON (grpc_json_transcoder) on one port;
+  a cluster per service whose endpoints are every instance's sidecar, grouped by
+  locality, priority 0 for its own region and 1, 2, ... in its failover order.
+* ``global``: one process with a listener per client location, sending each to that
+  region's edge first and to the next-nearest healthy edge when it is down (what
+  GeoDNS/anycast does in production).
+
+The traps measured on these machines (DESIGN.md) are handled here and checked by
+``mesh.lint``: explicit HTTP/2 upstreams, ``no_traffic_interval`` equal to the health
+check interval, ``healthy_panic_threshold`` 0, ``max_ejection_percent`` 100 so a whole
+region can be ejected, a retry budget instead of the default 3 concurrent retries, and
+retries on reset/unavailable only for methods the protos mark safe to repeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh import api
+from mesh.api import Safety
+from regions.topology import Instance, Topology, edge_identity, service_identity
+
+Config = dict[str, Any]
+
+HC_INTERVAL = "1s"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TLS_SOCKET = "envoy.transport_sockets.tls"
+# Retryable outcomes for calls that are safe to repeat (reads, request_id writes).
+SAFE_RETRY_ON = "connect-failure,refused-stream,reset,unavailable,gateway-error"
+# For everything else only failures where the request never reached a server.
+UNSAFE_RETRY_ON = "connect-failure,refused-stream"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the generated configs point at files: certificates and the descriptor set."""
+
+    pki_dir: Path
+    descriptor: Path
+
+    def cert(self, stem: str) -> str:
+        return str(self.pki_dir / f"{stem}.crt")
+
+    def key(self, stem: str) -> str:
+        return str(self.pki_dir / f"{stem}.key")
+
+    @property
+    def ca(self) -> str:
+        return str(self.pki_dir / "ca.crt")
+
+
+def _address(host: str, port: int) -> Config:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _bootstrap(node_id: str, cluster: str, admin_port: int, host: str) -> Config:
+    return {
+        "node": {"id": node_id, "cluster": cluster},
+        "admin": {"address": _address(host, admin_port)},
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {"overload.global_downstream_max_connections": 50000},
+                }
+            ]
+        },
+    }
+
+
+def _http2() -> Config:
+    return {
+        HTTP_PROTOCOL_OPTIONS: {
+            "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
+            "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1000}},
+        }
+    }
+
+
+def _san_matchers(identities: Iterable[str]) -> list[Config]:
+    return [{"san_type": "URI", "matcher": {"exact": i}} for i in identities]
+
+
+def _upstream_tls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
+    return {
+        "name": TLS_SOCKET,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": paths.cert(own)},
+                        "private_key": {"filename": paths.key(own)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": paths.ca},
+                    "match_typed_subject_alt_names": _san_matchers(peers),
+                },
+            },
+        },
+    }
+
+
+def _downstream_mtls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
+    return {
+        "name": TLS_SOCKET,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": paths.cert(own)},
+                        "private_key": {"filename": paths.key(own)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": paths.ca},
+                    "match_typed_subject_alt_names": _san_matchers(peers),
+                },
+            },
+        },
+    }
+
+
+def _router() -> Config:
+    return {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }
+
+
+def _hcm(stat_prefix: str, routes: Config, filters: list[Config], **extra: Any) -> Config:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "codec_type": "AUTO",
+            "route_config": routes,
+            "http_filters": [*filters, _router()],
+            "http2_protocol_options": {"max_concurrent_streams": 1000},
+            # Bounded request headers; body limits are enforced per route by timeouts
+            # and by the services' max message size.
+            "max_request_headers_kb": 64,
+            "common_http_protocol_options": {"idle_timeout": "300s"},
+            "stream_idle_timeout": "60s",
+            "request_timeout": "60s",
+            **extra,
+        },
+    }
+
+
+def _circuit_breakers() -> Config:
+    # A retry budget instead of max_retries: the default allows only 3 concurrent
+    # retries per cluster, which fails calls during a region failover.
+    return {
+        "thresholds": [
+            {
+                "priority": "DEFAULT",
+                "max_connections": 4096,
+                "max_pending_requests": 4096,
+                "max_requests": 4096,
+                "retry_budget": {
+                    "budget_percent": {"value": 25.0},
+                    "min_retry_concurrency": 32,
+                },
+            }
+        ]
+    }
+
+
+def _outlier_detection() -> Config:
+    return {
+        "consecutive_5xx": 5,
+        "consecutive_gateway_failure": 2,
+        "enforcing_consecutive_gateway_failure": 100,
+        "interval": "1s",
+        "base_ejection_time": "5s",
+        "max_ejection_time": "30s",
+        # A whole region (every endpoint at one priority) must be ejectable.
+        "max_ejection_percent": 100,
+    }
+
+
+def _health_check(kind: str, target: str) -> Config:
+    check: Config = {
+        "timeout": "0.5s",
+        "interval": HC_INTERVAL,
+        "interval_jitter": "0.1s",
+        # Default 60 s: a cluster that had no traffic yet would notice a dead host a
+        # minute late.
+        "no_traffic_interval": HC_INTERVAL,
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "event_log_path": "/dev/null",
+    }
+    if kind == "grpc":
+        check["grpc_health_check"] = {"service_name": target}
+    else:
+        check["http_health_check"] = {"path": target, "codec_client_type": "HTTP2"}
+    check.pop("event_log_path")
+    return check
+
+
+def _locality_cluster(
+    name: str,
+    topology: Topology,
+    from_region: str,
+    endpoints: dict[str, list[tuple[str, int]]],
+    health: Config,
+    transport: Config | None,
+) -> Config:
+    """A cluster with one locality per (region, zone); priority = failover distance."""
+    localities = []
+    for priority, region in enumerate(topology.region(from_region).preference):
+        by_zone: dict[str, list[Config]] = {}
+        for zone, port in endpoints.get(region, []):
+            by_zone.setdefault(zone, []).append(
+                {"endpoint": {"address": _address(topology.host, port)}}
+            )
+        for zone, lb_endpoints in sorted(by_zone.items()):
+            localities.append(
+                {
+                    "locality": {"region": region, "zone": zone},
+                    "priority": priority,
+                    "lb_endpoints": lb_endpoints,
+                }
+            )
+    cluster: Config = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": _http2(),
+        "load_assignment": {"cluster_name": name, "endpoints": localities},
+        "health_checks": [health],
+        "outlier_detection": _outlier_detection(),
+        "circuit_breakers": _circuit_breakers(),
+        # Never send traffic to hosts known to be dead, whatever share is left.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "close_connections_on_host_health_failure": True,
+    }
+    if transport is not None:
+        cluster["transport_socket"] = transport
+    return cluster
+
+
+def _retry_policy(safety: Safety) -> Config:
+    return {
+        "retry_on": UNSAFE_RETRY_ON if safety is Safety.UNSAFE else SAFE_RETRY_ON,
+        "num_retries": 3,
+        "per_try_timeout": "2s" if safety is Safety.READ else "5s",
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 5,
+        # After two attempts in one priority (region), try the next one.
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "update_frequency": 2,
+            },
+        },
+        "retry_back_off": {"base_interval": "0.02s", "max_interval": "0.25s"},
+    }
+
+
+def _method_routes(cluster_of: dict[str, str]) -> list[Config]:
+    """One route per RPC (exact gRPC path) with the retry policy its proto allows."""
+    routes = []
+    for m in api.methods():
+        if m.service not in cluster_of:
+            continue
+        routes.append(
+            {
+                "name": m.path,
+                "match": {"path": m.path},
+                "route": {
+                    "cluster": cluster_of[m.service],
+                    "timeout": "10s" if m.safety is Safety.READ else "20s",
+                    "retry_policy": _retry_policy(m.safety),
+                },
+                "decorator": {"operation": m.path.lstrip("/")},
+            }
+        )
+    return routes
+
+
+def _rest_routes(cluster: str) -> list[Config]:
+    """One route per RPC's REST mapping (verb + path template from google.api.http)."""
+    return [
+        {
+            "name": f"{m.http_verb} {m.http_template}",
+            "match": {
+                "safe_regex": {"regex": m.http_regex},
+                "headers": [{"name": ":method", "string_match": {"exact": m.http_verb}}],
+            },
+            "route": {
+                "cluster": cluster,
+                "timeout": "10s" if m.safety is Safety.READ else "20s",
+                "retry_policy": _retry_policy(m.safety),
+            },
+            "decorator": {"operation": m.path.lstrip("/")},
+        }
+        for m in api.methods()
+    ]
+
+
+def _unknown_route() -> Config:
+    return {
+        "name": "unknown",
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": "unknown method\n"}},
+    }
+
+
+def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
+    host = topology.host
+    stem = f"{instance.region}-{instance.service}"
+    config = _bootstrap(instance.name, f"{instance.region}/{instance.service}", instance.admin_port, host)
+    served_by = f"{instance.region}/{instance.zone}/{instance.service}/{instance.replica}"
+    inbound_routes = {
+        "name": "inbound",
+        "virtual_hosts": [
+            {
+                "name": "local_service",
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "match": {"prefix": "/"},
+                        "route": {"cluster": "local_service", "timeout": "30s"},
+                    }
+                ],
+                "response_headers_to_add": [
+                    {"header": {"key": "x-meshbank-served-by", "value": served_by}}
+                ],
+            }
+        ],
+    }
+    config["static_resources"] = {
+        "listeners": [
+            {
+                "name": "inbound",
+                "address": _address(host, instance.inbound_port),
+                "filter_chains": [
+                    {
+                        "filters": [
+                            _hcm(
+                                "inbound",
+                                inbound_routes,
+                                [],
+                                forward_client_cert_details="SANITIZE_SET",
+                                set_current_client_cert_details={"uri": True},
+                            )
+                        ],
+                        # Only the edges call services today; the list grows when
+                        # services call each other.
+                        "transport_socket": _downstream_mtls(
+                            paths, stem, [edge_identity(r) for r in topology.region_names]
+                        ),
+                    }
+                ],
+            },
+            {
+                "name": "database_outbound",
+                "address": _address(host, instance.db_outbound_port),
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.tcp_proxy",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                                    "stat_prefix": "database",
+                                    "cluster": "database",
+                                },
+                            }
+                        ]
+                    }
+                ],
+            },
+        ],
+        "clusters": [
+            {
+                "name": "local_service",
+                "type": "STATIC",
+                "connect_timeout": "0.25s",
+                "typed_extension_protocol_options": _http2(),
+                "circuit_breakers": _circuit_breakers(),
+                "load_assignment": {
+                    "cluster_name": "local_service",
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {"endpoint": {"address": _address(host, instance.service_port)}}
+                            ]
+                        }
+                    ],
+                },
+            },
+            {
+                "name": "database",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "database",
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": _address(host, topology.ports["database"])
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                },
+            },
+        ],
+    }
+    return config
+
+
+def edge(topology: Topology, region: str, paths: Paths, descriptor: Path | None = None) -> Config:
+    host = topology.host
+    own = f"{region}-edge"
+    config = _bootstrap(f"{region}-edge", f"{region}/edge", topology.edge_admin_port(region), host)
+    clusters = []
+    for service in topology.services:
+        endpoints: dict[str, list[tuple[str, int]]] = {}
+        for i in topology.instances():
+            if i.service == service:
+                endpoints.setdefault(i.region, []).append((i.zone, i.inbound_port))
+        clusters.append(
+            _locality_cluster(
+                service,
+                topology,
+                region,
+                endpoints,
+                _health_check("grpc", api.full_service_name(service)),
+                _upstream_tls(
+                    paths, own, [service_identity(r, service) for r in topology.region_names]
+                ),
+            )
+        )
+    transcoder = {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor": str(descriptor or paths.descriptor),
+            "services": [api.full_service_name(s) for s in topology.services],
+            "print_options": {
+                "add_whitespace": False,
+                "always_print_primitive_fields": True,
+                "always_print_enums_as_ints": False,
+                "preserve_proto_field_names": False,
+            },
+            # Errors become the JSON form of google.rpc.Status with the HTTP status
+            # grpc-gateway uses for each gRPC code.
+            "convert_grpc_status": True,
+            "request_validation_options": {
+                # Without this, an unknown REST path is passed on and answered 503.
+                "reject_unknown_method": True,
+                "reject_unknown_query_parameters": True,
+            },
+        },
+    }
+    health = {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
+        },
+    }
+    routes = {
+        "name": "edge",
+        "virtual_hosts": [
+            {
+                "name": "meshbank",
+                "domains": ["*"],
+                "routes": [
+                    *_method_routes({s: s for s in topology.services}),
+                    _unknown_route(),
+                ],
+                "response_headers_to_add": [
+                    {"header": {"key": "x-meshbank-edge", "value": region}}
+                ],
+            }
+        ],
+    }
+    config["static_resources"] = {
+        "listeners": [
+            {
+                "name": "edge",
+                "address": _address(host, topology.edge_port(region)),
+                "filter_chains": [
+                    {"filters": [_hcm(f"edge_{region}", routes, [health, transcoder])]}
+                ],
+            }
+        ],
+        "clusters": clusters,
+    }
+    return config
+
+
+def global_entry(topology: Topology) -> Config:
+    host = topology.host
+    config = _bootstrap("global", "global", topology.ports["global_admin"], host)
+    listeners = []
+    clusters = []
+    for location in topology.region_names:
+        cluster = f"edges_from_{location}"
+        endpoints = {
+            r: [(topology.region(r).zones[0], topology.edge_port(r))] for r in topology.region_names
+        }
+        clusters.append(
+            _locality_cluster(
+                cluster, topology, location, endpoints, _health_check("http", "/healthz"), None
+            )
+        )
+        routes = {
+            "name": f"global_{location}",
+            "virtual_hosts": [
+                {
+                    "name": "meshbank",
+                    "domains": ["*"],
+                    # The same per-method retry safety as the edges, for gRPC paths
+                    # and for the REST paths of the http annotations; anything else
+                    # is retried only when it never reached an edge.
+                    "routes": [
+                        *_method_routes({s: cluster for s in topology.services}),
+                        *_rest_routes(cluster),
+                        {
+                            "name": "rest",
+                            "match": {"prefix": "/"},
+                            "route": {
+                                "cluster": cluster,
+                                "timeout": "20s",
+                                "retry_policy": _retry_policy(Safety.UNSAFE),
+                            },
+                        },
+                    ],
+                    "response_headers_to_add": [
+                        {"header": {"key": "x-meshbank-location", "value": location}}
+                    ],
+                }
+            ],
+        }
+        listeners.append(
+            {
+                "name": f"global_{location}",
+                "address": _address(host, topology.global_port(location)),
+                "filter_chains": [{"filters": [_hcm(f"global_{location}", routes, [])]}],
+            }
+        )
+    config["static_resources"] = {"listeners": listeners, "clusters": clusters}
+    return config
+
+
+def render(topology: Topology, paths: Paths) -> dict[str, Config]:
+    """Every proxy's configuration, by file name."""
+    configs: dict[str, Config] = {"global.yaml": global_entry(topology)}
+    for region in topology.region_names:
+        configs[f"{region}-edge.yaml"] = edge(topology, region, paths)
+    for instance in topology.instances():
+        configs[f"{instance.name}-sidecar.yaml"] = sidecar(topology, instance, paths)
+    return configs
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)
+
+
+def write(topology: Topology, paths: Paths, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, config in render(topology, paths).items():
+        path = out_dir / name
+        path.write_text(dump(config))
+        written[name] = path
+    return written
+
+
+def identities(topology: Topology) -> list[str]:
+    """Every identity that needs a certificate."""
+    names = [edge_identity(r) for r in topology.region_names]
+    names += [service_identity(r, s) for r in topology.region_names for s in topology.services]
+    return names

@@ -1,0 +1,129 @@
+"""Checks of any Envoy config for the traps already hit on these machines (DESIGN.md).
+
+Run on every generated config by the tests and by ``meshbank mesh lint DIR``. Each
+finding names the cluster, route or filter and the trap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from mesh import api
+from mesh.api import Safety
+
+UNSAFE_RETRY_CONDITIONS = {"reset", "unavailable", "gateway-error", "5xx", "cancelled",
+                           "deadline-exceeded", "internal", "retriable-status-codes"}
+
+
+def _seconds(value: str) -> float:
+    return float(value.rstrip("s"))
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _is_http_cluster(cluster: dict[str, Any]) -> bool:
+    return "typed_extension_protocol_options" in cluster or "health_checks" in cluster
+
+
+def lint_cluster(cluster: dict[str, Any]) -> list[str]:
+    name = cluster.get("name", "?")
+    problems = []
+    endpoints = cluster.get("load_assignment", {}).get("endpoints", [])
+    priorities = {e.get("priority", 0) for e in endpoints}
+    upstream_is_grpc = any(
+        "grpc_health_check" in hc for hc in cluster.get("health_checks", [])
+    ) or name == "local_service"
+    if upstream_is_grpc:
+        options = cluster.get("typed_extension_protocol_options", {})
+        http = next(iter(options.values()), {}) if options else {}
+        if "http2_protocol_options" not in http.get("explicit_http_config", {}):
+            problems.append(f"cluster {name}: gRPC upstream without explicit http2_protocol_options")
+    for hc in cluster.get("health_checks", []):
+        interval = _seconds(hc.get("interval", "0s"))
+        no_traffic = _seconds(hc.get("no_traffic_interval", "60s"))
+        if no_traffic > interval:
+            problems.append(
+                f"cluster {name}: no_traffic_interval {no_traffic}s > interval {interval}s "
+                "(a cluster without traffic notices dead hosts late; default is 60 s)"
+            )
+    if len(priorities) > 1 or cluster.get("health_checks"):
+        panic = cluster.get("common_lb_config", {}).get("healthy_panic_threshold", {})
+        if panic.get("value", 50.0) != 0.0:
+            problems.append(
+                f"cluster {name}: healthy_panic_threshold must be 0 or traffic goes to dead hosts"
+            )
+        outlier = cluster.get("outlier_detection")
+        if outlier is None:
+            problems.append(f"cluster {name}: no outlier_detection")
+        elif outlier.get("max_ejection_percent", 10) < 100:
+            problems.append(
+                f"cluster {name}: max_ejection_percent {outlier.get('max_ejection_percent', 10)} "
+                "cannot eject a whole region"
+            )
+        if not cluster.get("health_checks"):
+            problems.append(f"cluster {name}: failover cluster without active health checks")
+    if _is_http_cluster(cluster):
+        thresholds = cluster.get("circuit_breakers", {}).get("thresholds", [])
+        default = next((t for t in thresholds if t.get("priority", "DEFAULT") == "DEFAULT"), {})
+        if "retry_budget" not in default and default.get("max_retries", 3) <= 3:
+            problems.append(
+                f"cluster {name}: default retry circuit breaker allows only 3 concurrent retries"
+            )
+    return problems
+
+
+def lint_routes(config: dict[str, Any]) -> list[str]:
+    safety = api.safety_by_path()
+    rest = {m.http_regex: m.safety for m in api.methods()}
+    problems = []
+    for node in _walk(config):
+        if "match" not in node or "route" not in node or not isinstance(node["route"], dict):
+            continue
+        policy = node["route"].get("retry_policy")
+        if not policy:
+            continue
+        conditions = set(policy.get("retry_on", "").split(","))
+        match = node["match"]
+        method_safety = safety.get(match.get("path", "")) or rest.get(
+            match.get("safe_regex", {}).get("regex", "")
+        )
+        unsafe = method_safety in (None, Safety.UNSAFE)
+        if unsafe and conditions & UNSAFE_RETRY_CONDITIONS:
+            problems.append(
+                f"route {node.get('name', match)}: retries on {sorted(conditions & UNSAFE_RETRY_CONDITIONS)} "
+                "re-send a request that may have been applied; only methods the protos mark "
+                "NO_SIDE_EFFECTS or IDEMPOTENT may"
+            )
+        if "per_try_timeout" not in policy:
+            problems.append(f"route {node.get('name', match)}: retries without a per_try_timeout")
+    return problems
+
+
+def lint_transcoder(config: dict[str, Any]) -> list[str]:
+    problems = []
+    for node in _walk(config):
+        if node.get("name") != "envoy.filters.http.grpc_json_transcoder":
+            continue
+        options = node.get("typed_config", {}).get("request_validation_options", {})
+        if not options.get("reject_unknown_method"):
+            problems.append(
+                "grpc_json_transcoder: set request_validation_options.reject_unknown_method "
+                "(otherwise unknown REST paths become 503)"
+            )
+    return problems
+
+
+def lint(config: dict[str, Any]) -> list[str]:
+    """Every trap found in one Envoy bootstrap config."""
+    clusters = config.get("static_resources", {}).get("clusters", [])
+    problems = [p for c in clusters for p in lint_cluster(c)]
+    return problems + lint_routes(config) + lint_transcoder(config)

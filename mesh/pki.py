@@ -1,0 +1,138 @@
+"""A local certificate authority for the mesh's mTLS, made with ``cryptography``.
+
+One CA, and one certificate per identity: each service in each region
+(``spiffe://meshbank/region/us-east/service/transfer``) and each region's edge. The
+SPIFFE id is the certificate's only URI SAN, which is what the sidecars match on. Keys
+are ECDSA P-256; files are written mode 0600. Existing, still-valid files are kept, so
+a second ``meshbank up`` does not re-issue everything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_LIFETIME = dt.timedelta(days=3650)
+LEAF_LIFETIME = dt.timedelta(days=365)
+RENEW_BEFORE = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Credential:
+    cert: Path
+    key: Path
+
+
+def file_stem(identity: str) -> str:
+    """A file name for a SPIFFE id: spiffe://meshbank/region/us-east/edge -> us-east-edge."""
+    tail = identity.removeprefix("spiffe://meshbank/")
+    return re.sub(r"[^a-z0-9-]+", "-", tail.replace("region/", "").replace("service/", ""))
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _still_valid(path: Path, now: dt.datetime) -> bool:
+    if not path.exists():
+        return False
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return cert.not_valid_after_utc - now > RENEW_BEFORE
+
+
+class LocalCA:
+    """Issues the mesh's certificates into one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ca_cert_path = directory / "ca.crt"
+        self._ca_key_path = directory / "ca.key"
+
+    def ensure_ca(self) -> None:
+        now = dt.datetime.now(dt.UTC)
+        if _still_valid(self.ca_cert_path, now) and self._ca_key_path.exists():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshbank local mesh CA")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + CA_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write(self._ca_key_path, _key_pem(key))
+        _write(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        # A new CA invalidates every leaf it did not sign.
+        for leaf in self.directory.glob("*.crt"):
+            if leaf != self.ca_cert_path:
+                leaf.unlink()
+
+    def issue(self, identity: str, *, dns_names: tuple[str, ...] = ()) -> Credential:
+        """Return the certificate and key for ``identity``, issuing them if needed."""
+        self.ensure_ca()
+        stem = file_stem(identity)
+        cred = Credential(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
+        now = dt.datetime.now(dt.UTC)
+        if _still_valid(cred.cert, now) and cred.key.exists():
+            return cred
+        ca_key = serialization.load_pem_private_key(self._ca_key_path.read_bytes(), None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        ca_cert = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)]
+        sans += [x509.DNSName(d) for d in dns_names]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + LEAF_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write(cred.key, _key_pem(key))
+        _write(cred.cert, cert.public_bytes(serialization.Encoding.PEM))
+        return cred

@@ -1,0 +1,256 @@
+"""The deployment topology (``regions/topology.yaml``), loaded and validated.
+
+Everything else (Envoy configs, processes, ports, Kubernetes manifests) is derived from
+this model, so its checks are the place where a bad topology is stopped with a clear
+message: an unknown region in a failover list, a port clash, zero replicas, ...
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topology.yaml"
+SERVICE_NAMES = ("auth", "account", "transfer")
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+PORTS_PER_INSTANCE = 4
+
+
+class TopologyError(ValueError):
+    """The topology file is not a deployable topology; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    index: int
+    zones: tuple[str, ...]
+    failover: tuple[str, ...]
+
+    @property
+    def preference(self) -> tuple[str, ...]:
+        """This region first, then its failover order: priority 0, 1, 2, ..."""
+        return (self.name, *self.failover)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One replica of one service in one region, with its ports."""
+
+    region: str
+    zone: str
+    service: str
+    replica: int
+    service_port: int
+    inbound_port: int
+    db_outbound_port: int
+    admin_port: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.region}-{self.service}-{self.replica}"
+
+    @property
+    def identity(self) -> str:
+        return service_identity(self.region, self.service)
+
+
+def service_identity(region: str, service: str) -> str:
+    return f"spiffe://meshbank/region/{region}/service/{service}"
+
+
+def edge_identity(region: str) -> str:
+    return f"spiffe://meshbank/region/{region}/edge"
+
+
+@dataclass(frozen=True)
+class Topology:
+    regions: tuple[Region, ...]
+    replicas: Mapping[str, int]
+    ports: Mapping[str, int]
+    default_location: str
+    host: str = "127.0.0.1"
+
+    def region(self, name: str) -> Region:
+        return next(r for r in self.regions if r.name == name)
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.regions)
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(s for s in SERVICE_NAMES if s in self.replicas)
+
+    def instances(self) -> Iterator[Instance]:
+        n = 0
+        for region in self.regions:
+            for service in self.services:
+                for replica in range(1, self.replicas[service] + 1):
+                    base = self.ports["instances"] + PORTS_PER_INSTANCE * n
+                    yield Instance(
+                        region=region.name,
+                        zone=region.zones[(replica - 1) % len(region.zones)],
+                        service=service,
+                        replica=replica,
+                        service_port=base,
+                        inbound_port=base + 1,
+                        db_outbound_port=base + 2,
+                        admin_port=base + 3,
+                    )
+                    n += 1
+
+    def global_port(self, location: str) -> int:
+        return self.ports["global"] + self.region(location).index
+
+    def edge_port(self, region: str) -> int:
+        return self.ports["edge"] + self.region(region).index
+
+    def edge_admin_port(self, region: str) -> int:
+        return self.ports["edge_admin"] + self.region(region).index
+
+    def all_ports(self) -> dict[int, str]:
+        """Every port the deployment binds, with what binds it (for clash checks)."""
+        used: dict[int, str] = {}
+        claims: list[tuple[int, str]] = [
+            (self.ports["global_admin"], "global entry admin"),
+            (self.ports["database"], "database"),
+        ]
+        for r in self.regions:
+            claims += [
+                (self.global_port(r.name), f"global entry listener for {r.name}"),
+                (self.edge_port(r.name), f"{r.name} edge"),
+                (self.edge_admin_port(r.name), f"{r.name} edge admin"),
+            ]
+        for i in self.instances():
+            claims += [
+                (i.service_port, f"{i.name} service"),
+                (i.inbound_port, f"{i.name} sidecar inbound"),
+                (i.db_outbound_port, f"{i.name} sidecar database outbound"),
+                (i.admin_port, f"{i.name} sidecar admin"),
+            ]
+        problems = []
+        for port, what in claims:
+            if port in used:
+                problems.append(f"port {port} is used by both {used[port]} and {what}")
+            elif not 1024 <= port <= 65535:
+                problems.append(f"port {port} ({what}) is outside 1024-65535")
+            used[port] = what
+        if problems:
+            raise TopologyError("port plan clashes:\n  " + "\n  ".join(problems))
+        return used
+
+
+def _problems_in(data: Any) -> tuple[list[str], dict[str, Any]]:
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        return ["the topology must be a mapping with regions, services and ports"], {}
+    unknown = set(data) - {"regions", "services", "ports", "default_location"}
+    if unknown:
+        problems.append(f"unknown top-level keys: {sorted(unknown)}")
+    return problems, data
+
+
+def parse(data: Any, source: str = "<topology>") -> Topology:
+    """Validate a parsed YAML document and build the Topology, or raise TopologyError."""
+    problems, data = _problems_in(data)
+    regions_raw = data.get("regions") or {}
+    if not isinstance(regions_raw, dict) or not regions_raw:
+        problems.append("regions: at least one region is required")
+        regions_raw = {}
+    names = list(regions_raw)
+    regions: list[Region] = []
+    for index, (name, spec) in enumerate(regions_raw.items()):
+        spec = spec or {}
+        if not isinstance(name, str) or not _NAME.match(name):
+            problems.append(f"regions.{name}: a name is lower-case letters, digits and '-'")
+        zones = spec.get("zones") or []
+        if not zones or not all(isinstance(z, str) and _NAME.match(z) for z in zones):
+            problems.append(f"regions.{name}.zones: list at least one zone name")
+        failover = spec.get("failover") or []
+        for other in failover:
+            if other not in names:
+                problems.append(f"regions.{name}.failover: unknown region {other!r}")
+            elif other == name:
+                problems.append(f"regions.{name}.failover: a region cannot fail over to itself")
+        if len(set(failover)) != len(failover):
+            problems.append(f"regions.{name}.failover: lists a region twice")
+        missing = set(names) - {name} - set(failover)
+        if missing:
+            problems.append(
+                f"regions.{name}.failover: must order every other region; missing {sorted(missing)}"
+            )
+        regions.append(Region(str(name), index, tuple(zones), tuple(failover)))
+
+    services_raw = data.get("services") or {}
+    replicas: dict[str, int] = {}
+    if not isinstance(services_raw, dict):
+        problems.append("services: must be a mapping of service name to settings")
+        services_raw = {}
+    for service in SERVICE_NAMES:
+        if service not in services_raw:
+            problems.append(f"services.{service}: missing (every service must run)")
+            continue
+        count = (services_raw[service] or {}).get("replicas", 2)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            problems.append(f"services.{service}.replicas: must be a positive integer, got {count!r}")
+        elif count > 20:
+            problems.append(f"services.{service}.replicas: at most 20 per region, got {count}")
+        else:
+            replicas[service] = count
+    for service in set(services_raw) - set(SERVICE_NAMES):
+        problems.append(f"services.{service}: unknown service (known: {', '.join(SERVICE_NAMES)})")
+
+    ports_raw = data.get("ports") or {}
+    ports: dict[str, int] = {}
+    for key in ("global", "global_admin", "edge", "edge_admin", "database", "instances"):
+        value = ports_raw.get(key) if isinstance(ports_raw, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"ports.{key}: an integer port is required")
+        else:
+            ports[key] = value
+
+    default_location = data.get("default_location") or (names[0] if names else "")
+    if names and default_location not in names:
+        problems.append(f"default_location: unknown region {default_location!r}")
+
+    if problems:
+        raise TopologyError(f"{source}:\n  " + "\n  ".join(problems))
+    topology = Topology(tuple(regions), replicas, ports, default_location)
+    try:
+        topology.all_ports()
+    except TopologyError as exc:
+        raise TopologyError(f"{source}: {exc}") from None
+    return topology
+
+
+def load(path: Path | str | None = None) -> Topology:
+    """Load the topology file (default: ``MESHBANK_TOPOLOGY`` or ``regions/topology.yaml``)."""
+    import os
+
+    path = Path(path or os.environ.get("MESHBANK_TOPOLOGY") or DEFAULT_TOPOLOGY)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise TopologyError(f"cannot read the topology {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"{path} is not valid YAML: {exc}") from exc
+    return parse(data, str(path))
+
+
+def with_port_base(topology: Topology, base: int) -> Topology:
+    """The same topology with every port shifted so the plan starts at ``base`` (tests)."""
+    offset = base - min(topology.ports.values())
+    shifted = Topology(
+        topology.regions,
+        topology.replicas,
+        {k: v + offset for k, v in topology.ports.items()},
+        topology.default_location,
+    )
+    shifted.all_ports()
+    return shifted
