@@ -326,6 +326,18 @@ def _rest_routes(cluster: str) -> list[Config]:
     ]
 
 
+def _reflection_routes(cluster: str) -> list[Config]:
+    """Server reflection (grpcurl list/describe): every service describes the whole API."""
+    return [
+        {
+            "name": f"reflection {version}",
+            "match": {"prefix": f"/grpc.reflection.{version}.ServerReflection/"},
+            "route": {"cluster": cluster, "timeout": "10s"},
+        }
+        for version in ("v1alpha", "v1")
+    ]
+
+
 def _unknown_route() -> Config:
     return {
         "name": "unknown",
@@ -502,6 +514,7 @@ def edge(topology: Topology, region: str, paths: Paths, descriptor: Path | None 
                 "domains": ["*"],
                 "routes": [
                     *_method_routes({s: s for s in topology.services}),
+                    *_reflection_routes(topology.services[0]),
                     _unknown_route(),
                 ],
                 "response_headers_to_add": [

@@ -29,6 +29,7 @@ from services.transfer.servicer import TransferServicer
 ACCOUNT_SERVICE = account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
 TRANSFER_SERVICE = transfer_pb2.DESCRIPTOR.services_by_name["TransferService"].full_name
 AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+API_SERVICES = (AUTH_SERVICE, ACCOUNT_SERVICE, TRANSFER_SERVICE)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.listen_address,
             workers=config.grpc_workers,
             grace=config.shutdown_grace_seconds,
+            reflect=app.API_SERVICES,
         )
     finally:
         built.engine.dispose()

@@ -49,8 +49,18 @@ class RunningServer:
 
 @contextmanager
 def run_server(
-    registrations: Sequence[Registration], address: str, *, workers: int = 16, grace: float = 5.0
+    registrations: Sequence[Registration],
+    address: str,
+    *,
+    workers: int = 16,
+    grace: float = 5.0,
+    reflect: Sequence[str] = (),
 ) -> Iterator[RunningServer]:
+    """Serve ``registrations`` on ``address``; reflection also describes ``reflect``.
+
+    Every process describes the whole API by reflection (descriptors only), so grpcurl
+    works through the edge, which routes reflection to any one service.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         # A port clash must fail loudly instead of silently sharing the port with an
@@ -62,8 +72,9 @@ def run_server(
     for reg in registrations:
         reg.add(reg.servicer, server)
     names = [reg.name for reg in registrations]
+    described = sorted({*names, *reflect})
     reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [*described, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     port = server.add_insecure_port(address)
     if port == 0:
@@ -79,7 +90,12 @@ def run_server(
 
 
 def serve(
-    registrations: Sequence[Registration], address: str, *, workers: int, grace: float
+    registrations: Sequence[Registration],
+    address: str,
+    *,
+    workers: int,
+    grace: float,
+    reflect: Sequence[str] = (),
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     stop = threading.Event()
@@ -90,6 +106,8 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with run_server(registrations, address, workers=workers, grace=grace) as running:
+    with run_server(
+        registrations, address, workers=workers, grace=grace, reflect=reflect
+    ) as running:
         log.info("serving %s on port %d", ", ".join(running.names), running.port)
         stop.wait()

@@ -1,0 +1,89 @@
+"""Loading and validating the topology file."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from regions import topology
+from regions.topology import TopologyError
+
+DEFAULT: dict[str, Any] = yaml.safe_load(topology.DEFAULT_TOPOLOGY.read_text())
+
+
+def with_change(path: str, value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(DEFAULT)
+    node = data
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[key]
+    if value is None:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return data
+
+
+def test_default_topology_has_three_regions_with_two_replicas_each() -> None:
+    t = topology.load()
+    assert t.region_names == ("us-east", "us-west", "eu-west")
+    assert t.region("us-west").preference == ("us-west", "us-east", "eu-west")
+    instances = list(t.instances())
+    assert len(instances) == 3 * 3 * 2
+    assert {(i.region, i.service) for i in instances if i.replica == 2} == {
+        (r, s) for r in t.region_names for s in ("auth", "account", "transfer")
+    }
+    # Replicas spread across the region's zones.
+    assert {i.zone for i in instances if i.region == "us-east"} == {"us-east-1a", "us-east-1b"}
+    assert len(t.all_ports()) == 4 * 18 + 3 * 3 + 2
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("regions.us-east.failover", ["us-west", "mars"], "unknown region 'mars'"),
+        ("regions.us-east.failover", ["us-west"], "missing ['eu-west']"),
+        ("regions.us-east.failover", ["us-east", "us-west", "eu-west"], "itself"),
+        ("regions.us-east.zones", [], "zones"),
+        ("services.transfer.replicas", 0, "positive integer"),
+        ("services.transfer.replicas", "two", "positive integer"),
+        ("services.account", None, "services.account: missing"),
+        ("services.ledger", {"replicas": 1}, "unknown service"),
+        ("ports.edge", 40000, "port 40000 is used by both"),
+        ("ports.instances", 65500, "outside 1024-65535"),
+        ("ports.global", None, "ports.global"),
+        ("default_location", "moon", "unknown region 'moon'"),
+    ],
+)
+def test_bad_topologies_are_refused_with_a_clear_message(
+    path: str, value: Any, message: str
+) -> None:
+    with pytest.raises(TopologyError) as exc:
+        topology.parse(with_change(path, value))
+    assert message in str(exc.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = with_change("services.auth.replicas", 0)
+    data["regions"]["us-west"]["failover"] = ["nowhere", "us-east", "eu-west"]
+    with pytest.raises(TopologyError) as exc:
+        topology.parse(data)
+    assert "replicas" in str(exc.value)
+    assert "nowhere" in str(exc.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("regions: [unclosed")
+    with pytest.raises(TopologyError, match=str(path)):
+        topology.load(path)
+
+
+def test_port_plan_can_be_shifted_as_a_block() -> None:
+    t = topology.with_port_base(topology.load(), 20000)
+    assert min(t.all_ports()) == 20000
+    assert t.global_port("us-east") == 20000
