@@ -33,6 +33,8 @@ from regions.topology import Instance, Topology, edge_identity, service_identity
 Config = dict[str, Any]
 
 HC_INTERVAL = "1s"
+TYPE_URL = "type.googleapis.com/"
+EXT = TYPE_URL + "envoy.extensions."
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TLS_SOCKET = "envoy.transport_sockets.tls"
 # Retryable outcomes for calls that are safe to repeat (reads, request_id writes).
@@ -81,7 +83,7 @@ def _bootstrap(node_id: str, cluster: str, admin_port: int, host: str) -> Config
 def _http2() -> Config:
     return {
         HTTP_PROTOCOL_OPTIONS: {
-            "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
+            "@type": f"{TYPE_URL}{HTTP_PROTOCOL_OPTIONS}",
             "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1000}},
         }
     }
@@ -95,7 +97,7 @@ def _upstream_tls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
     return {
         "name": TLS_SOCKET,
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "@type": EXT + "transport_sockets.tls.v3.UpstreamTlsContext",
             "common_tls_context": {
                 "alpn_protocols": ["h2"],
                 "tls_certificates": [
@@ -117,7 +119,7 @@ def _downstream_mtls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
     return {
         "name": TLS_SOCKET,
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "@type": EXT + "transport_sockets.tls.v3.DownstreamTlsContext",
             "require_client_certificate": True,
             "common_tls_context": {
                 "alpn_protocols": ["h2"],
@@ -139,7 +141,7 @@ def _downstream_mtls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
 def _router() -> Config:
     return {
         "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        "typed_config": {"@type": EXT + "filters.http.router.v3.Router"},
     }
 
 
@@ -147,7 +149,7 @@ def _hcm(stat_prefix: str, routes: Config, filters: list[Config], **extra: Any) 
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "@type": EXT + "filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": stat_prefix,
             "codec_type": "AUTO",
             "route_config": routes,
@@ -268,7 +270,7 @@ def _retry_policy(safety: Safety) -> Config:
             {
                 "name": "envoy.retry_host_predicates.previous_hosts",
                 "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    "@type": EXT + "retry.host.previous_hosts.v3.PreviousHostsPredicate"
                 },
             }
         ],
@@ -277,7 +279,7 @@ def _retry_policy(safety: Safety) -> Config:
         "retry_priority": {
             "name": "envoy.retry_priorities.previous_priorities",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "@type": EXT + "retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
                 "update_frequency": 2,
             },
         },
@@ -349,7 +351,9 @@ def _unknown_route() -> Config:
 def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
     host = topology.host
     stem = f"{instance.region}-{instance.service}"
-    config = _bootstrap(instance.name, f"{instance.region}/{instance.service}", instance.admin_port, host)
+    config = _bootstrap(
+        instance.name, f"{instance.region}/{instance.service}", instance.admin_port, host
+    )
     served_by = f"{instance.region}/{instance.zone}/{instance.service}/{instance.replica}"
     inbound_routes = {
         "name": "inbound",
@@ -402,7 +406,7 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
                             {
                                 "name": "envoy.filters.network.tcp_proxy",
                                 "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                                    "@type": EXT + "filters.network.tcp_proxy.v3.TcpProxy",
                                     "stat_prefix": "database",
                                     "cluster": "database",
                                 },
@@ -479,7 +483,7 @@ def edge(topology: Topology, region: str, paths: Paths, descriptor: Path | None 
     transcoder = {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "@type": EXT + "filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             "proto_descriptor": str(descriptor or paths.descriptor),
             "services": [api.full_service_name(s) for s in topology.services],
             "print_options": {
@@ -501,7 +505,7 @@ def edge(topology: Topology, region: str, paths: Paths, descriptor: Path | None 
     health = {
         "name": "envoy.filters.http.health_check",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+            "@type": EXT + "filters.http.health_check.v3.HealthCheck",
             "pass_through_mode": False,
             "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
         },

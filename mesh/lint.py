@@ -12,8 +12,16 @@ from typing import Any
 from mesh import api
 from mesh.api import Safety
 
-UNSAFE_RETRY_CONDITIONS = {"reset", "unavailable", "gateway-error", "5xx", "cancelled",
-                           "deadline-exceeded", "internal", "retriable-status-codes"}
+UNSAFE_RETRY_CONDITIONS = {
+    "reset",
+    "unavailable",
+    "gateway-error",
+    "5xx",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "retriable-status-codes",
+}
 
 
 def _seconds(value: str) -> float:
@@ -39,14 +47,17 @@ def lint_cluster(cluster: dict[str, Any]) -> list[str]:
     problems = []
     endpoints = cluster.get("load_assignment", {}).get("endpoints", [])
     priorities = {e.get("priority", 0) for e in endpoints}
-    upstream_is_grpc = any(
-        "grpc_health_check" in hc for hc in cluster.get("health_checks", [])
-    ) or name == "local_service"
+    upstream_is_grpc = (
+        any("grpc_health_check" in hc for hc in cluster.get("health_checks", []))
+        or name == "local_service"
+    )
     if upstream_is_grpc:
         options = cluster.get("typed_extension_protocol_options", {})
-        http = next(iter(options.values()), {}) if options else {}
+        http: dict[str, Any] = next(iter(options.values()), {}) if options else {}
         if "http2_protocol_options" not in http.get("explicit_http_config", {}):
-            problems.append(f"cluster {name}: gRPC upstream without explicit http2_protocol_options")
+            problems.append(
+                f"cluster {name}: gRPC upstream without explicit http2_protocol_options"
+            )
     for hc in cluster.get("health_checks", []):
         interval = _seconds(hc.get("interval", "0s"))
         no_traffic = _seconds(hc.get("no_traffic_interval", "60s"))
@@ -73,7 +84,9 @@ def lint_cluster(cluster: dict[str, Any]) -> list[str]:
             problems.append(f"cluster {name}: failover cluster without active health checks")
     if _is_http_cluster(cluster):
         thresholds = cluster.get("circuit_breakers", {}).get("thresholds", [])
-        default = next((t for t in thresholds if t.get("priority", "DEFAULT") == "DEFAULT"), {})
+        default: dict[str, Any] = next(
+            (t for t in thresholds if t.get("priority", "DEFAULT") == "DEFAULT"), {}
+        )
         if "retry_budget" not in default and default.get("max_retries", 3) <= 3:
             problems.append(
                 f"cluster {name}: default retry circuit breaker allows only 3 concurrent retries"
@@ -98,8 +111,9 @@ def lint_routes(config: dict[str, Any]) -> list[str]:
         )
         unsafe = method_safety in (None, Safety.UNSAFE)
         if unsafe and conditions & UNSAFE_RETRY_CONDITIONS:
+            risky = sorted(conditions & UNSAFE_RETRY_CONDITIONS)
             problems.append(
-                f"route {node.get('name', match)}: retries on {sorted(conditions & UNSAFE_RETRY_CONDITIONS)} "
+                f"route {node.get('name', match)}: retries on {risky} "
                 "re-send a request that may have been applied; only methods the protos mark "
                 "NO_SIDE_EFFECTS or IDEMPOTENT may"
             )

@@ -120,7 +120,7 @@ def grpc_healthy(channel: grpc.Channel, timeout: float = 0.5) -> bool:
 
 def envoy_ready(admin: str, timeout: float = 0.5) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{admin}/ready", timeout=timeout) as reply:  # noqa: S310
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=timeout) as reply:
             return bool(reply.status == 200)
     except OSError:
         return False
@@ -163,8 +163,12 @@ class Child:
             # Its own session: a terminal's or a test runner's signals do not reach it,
             # and it outlives the command that started the supervisor.
             self.process = subprocess.Popen(
-                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                self.argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
@@ -247,11 +251,26 @@ class Supervisor:
     def _envoy(self, region: str, role: str, service: str, name: str, admin: int) -> Child:
         config = self.state / "mesh" / f"{name}.yaml"
         argv = [
-            envoy_binary(), "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
-            "--log-level", "warn", "--drain-time-s", "2", "--parent-shutdown-time-s", "3",
+            envoy_binary(),
+            "-c",
+            str(config),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "--drain-time-s",
+            "2",
+            "--parent-shutdown-time-s",
+            "3",
         ]
         return Child(
-            region, role, service, name, argv, dict(os.environ),
+            region,
+            role,
+            service,
+            name,
+            argv,
+            dict(os.environ),
             self.state / "logs" / f"{name}.log",
             lambda: envoy_ready(f"{self.topology.host}:{admin}"),
         )
@@ -276,8 +295,12 @@ class Supervisor:
                 env["MESHBANK_KEY_PASSPHRASE"] = self.secrets["key_passphrase"]
             children.append(
                 Child(
-                    i.region, "service", i.service, i.name,
-                    [sys.executable, "-m", "services.cli", "serve", i.service], env,
+                    i.region,
+                    "service",
+                    i.service,
+                    i.name,
+                    [sys.executable, "-m", "services.cli", "serve", i.service],
+                    env,
                     self.state / "logs" / f"{i.name}.log",
                     self._grpc_check(f"{t.host}:{i.service_port}"),
                 )
@@ -289,7 +312,9 @@ class Supervisor:
             children.append(
                 self._envoy(region, "edge", "edge", f"{region}-edge", t.edge_admin_port(region))
             )
-        children.append(self._envoy("global", "global", "global", "global", t.ports["global_admin"]))
+        children.append(
+            self._envoy("global", "global", "global", "global", t.ports["global_admin"])
+        )
         return children
 
     def prepare(self) -> None:
@@ -319,11 +344,11 @@ class Supervisor:
             seeded = False
             while not self._stop.is_set():
                 held = read_control(self.state)
-                if self.node.process is not None and self.node.process.poll() is not None:
-                    if "db" not in held.get("global", []):
-                        log.warning("postgres exited; restarting")
-                        self.node.process = None
-                        self.node.start()
+                node_died = self.node.process is not None and self.node.process.poll() is not None
+                if node_died and "db" not in held.get("global", []):
+                    log.warning("postgres exited; restarting")
+                    self.node.process = None
+                    self.node.start()
                 for child in self.children:
                     child.poll(held=child.role in held.get(child.region, []))
                     child.healthy = child.alive and child.check()
@@ -433,8 +458,11 @@ def start_detached(state: Path, timeout: float = 300.0) -> dict[str, Any]:
         with open(state / "supervisor.log", "ab") as out:
             subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "up"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=dict(os.environ, MESHBANK_STATE_DIR=str(state)),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=dict(os.environ, MESHBANK_STATE_DIR=str(state)),
             )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -445,7 +473,9 @@ def start_detached(state: Path, timeout: float = 300.0) -> dict[str, Any]:
             break
         time.sleep(0.5)
     tail = (state / "supervisor.log").read_text(errors="replace").splitlines()[-30:]
-    raise LocalError("meshbank did not become healthy; supervisor.log ends with:\n" + "\n".join(tail))
+    raise LocalError(
+        "meshbank did not become healthy; supervisor.log ends with:\n" + "\n".join(tail)
+    )
 
 
 def stop(state: Path, timeout: float = 120.0) -> bool:

@@ -198,7 +198,9 @@ def parse(data: Any, source: str = "<topology>") -> Topology:
             continue
         count = (services_raw[service] or {}).get("replicas", 2)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            problems.append(f"services.{service}.replicas: must be a positive integer, got {count!r}")
+            problems.append(
+                f"services.{service}.replicas: must be a positive integer, got {count!r}"
+            )
         elif count > 20:
             problems.append(f"services.{service}.replicas: at most 20 per region, got {count}")
         else:

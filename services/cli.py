@@ -236,7 +236,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_status)
 
-    mesh = sub.add_parser("mesh", help="Envoy configuration").add_subparsers(dest="sub", required=True)
+    mesh = sub.add_parser("mesh", help="Envoy configuration").add_subparsers(
+        dest="sub", required=True
+    )
     s = mesh.add_parser("render", help="write every proxy's config generated from the topology")
     s.add_argument("--out", required=True)
     s.add_argument("--topology", help="topology file (default: regions/topology.yaml)")
