@@ -37,6 +37,10 @@ def file_stem(identity: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", tail.replace("region/", "").replace("service/", ""))
 
 
+def dns_name(identity: str) -> str:
+    return f"{file_stem(identity)}.mesh.meshbank.internal"
+
+
 def _write(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -107,10 +111,16 @@ class LocalCA:
             if leaf != self.ca_cert_path:
                 leaf.unlink()
 
-    def issue(self, identity: str, *, dns_names: tuple[str, ...] = ()) -> Credential:
-        """Return the certificate and key for ``identity``, issuing them if needed."""
+    def issue(self, identity: str) -> Credential:
+        """Return the certificate and key for ``identity``, issuing them if needed.
+
+        Besides the SPIFFE URI (what sidecars match on), the certificate names
+        ``<stem>.mesh.meshbank.internal`` so that ordinary TLS clients (grpc-python
+        always checks a host name) can verify it with ``grpc.ssl_target_name_override``.
+        """
         self.ensure_ca()
         stem = file_stem(identity)
+        dns_names = (dns_name(identity),)
         cred = Credential(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
         now = dt.datetime.now(dt.UTC)
         if _still_valid(cred.cert, now) and cred.key.exists():

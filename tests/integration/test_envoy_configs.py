@@ -44,6 +44,7 @@ def test_certificates_carry_exactly_their_spiffe_identity(tmp_path: Path) -> Non
     cert = x509.load_pem_x509_certificate(cred.cert.read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [identity]
+    assert sans.get_values_for_type(x509.DNSName) == ["us-east-transfer.mesh.meshbank.internal"]
     ca_cert = x509.load_pem_x509_certificate(ca.ca_cert_path.read_bytes())
     cert.verify_directly_issued_by(ca_cert)
     assert oct(cred.key.stat().st_mode & 0o777) == "0o600"
