@@ -348,6 +348,73 @@ def _unknown_route() -> Config:
     }
 
 
+def _database_listener(name: str, host: str, port: int) -> Config:
+    return {
+        "name": name,
+        "address": _address(host, port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.tcp_proxy",
+                        "typed_config": {
+                            "@type": EXT + "filters.network.tcp_proxy.v3.TcpProxy",
+                            "stat_prefix": name,
+                            "cluster": name,
+                            "idle_timeout": "3600s",
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _database_cluster(name: str, topology: Topology, region: str, check_path: str) -> Config:
+    """PostgreSQL members as a TCP cluster, health-checked on their Patroni REST API.
+
+    Patroni answers ``/primary`` 200 only on the leader and ``/read-only`` on any running
+    member, so the primary cluster follows failovers by itself; connections to a host
+    that stops being healthy are closed, and the services' retry helper reconnects.
+    """
+    localities = []
+    for priority, other in enumerate(topology.region(region).preference):
+        localities.append(
+            {
+                "locality": {"region": other},
+                "priority": priority if check_path != "/primary" else 0,
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": _address(topology.host, topology.database_port(other)),
+                            "health_check_config": {"port_value": topology.patroni_port(other)},
+                        }
+                    }
+                ],
+            }
+        )
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": localities},
+        "health_checks": [
+            {
+                "timeout": "0.5s",
+                "interval": "0.5s",
+                "no_traffic_interval": "0.5s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": check_path},
+            }
+        ],
+        "outlier_detection": _outlier_detection(),
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}},
+        "close_connections_on_host_health_failure": True,
+        "circuit_breakers": _circuit_breakers(),
+    }
+
+
 def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
     host = topology.host
     stem = f"{instance.region}-{instance.service}"
@@ -397,24 +464,8 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
                     }
                 ],
             },
-            {
-                "name": "database_outbound",
-                "address": _address(host, instance.db_outbound_port),
-                "filter_chains": [
-                    {
-                        "filters": [
-                            {
-                                "name": "envoy.filters.network.tcp_proxy",
-                                "typed_config": {
-                                    "@type": EXT + "filters.network.tcp_proxy.v3.TcpProxy",
-                                    "stat_prefix": "database",
-                                    "cluster": "database",
-                                },
-                            }
-                        ]
-                    }
-                ],
-            },
+            _database_listener("database_primary", host, instance.db_primary_port),
+            _database_listener("database_replica", host, instance.db_replica_port),
         ],
         "clusters": [
             {
@@ -434,25 +485,10 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
                     ],
                 },
             },
-            {
-                "name": "database",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {
-                    "cluster_name": "database",
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {
-                                    "endpoint": {
-                                        "address": _address(host, topology.ports["database"])
-                                    }
-                                }
-                            ]
-                        }
-                    ],
-                },
-            },
+            _database_cluster("database_primary", topology, instance.region, "/primary"),
+            # Reads that accept staleness: the region's own member first (replica or
+            # primary), then the others in failover order.
+            _database_cluster("database_replica", topology, instance.region, "/read-only"),
         ],
     }
     return config

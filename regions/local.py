@@ -1,8 +1,9 @@
 """The local deployment behind ``meshbank up``: one supervisor process that owns everything.
 
 From the topology (``regions/topology.yaml``) the supervisor creates a local CA and a
-certificate per identity, renders every Envoy config, starts PostgreSQL (its own data
-directory under the state folder, not the system service), applies the migrations, and
+certificate per identity, renders every Envoy config, starts the replicated database
+(per region an etcd member and a Patroni member running PostgreSQL; data under the
+state folder, not the system service), applies the migrations on the leader, and
 starts every process: per region and replica the service and its Envoy sidecar, one
 edge Envoy per region, and the global entry Envoy. It health-checks them every second,
 restarts a process that dies (with backoff) unless a drill holds that region down,
@@ -16,15 +17,18 @@ reverse order. Everything it knows is in the state folder:
     state/pki/           the local CA and one certificate per identity
     state/mesh/          the generated Envoy configs
     state/logs/          one log per process
-    state/postgres/      the data directory (kept across up/down)
+    state/db/REGION/     each member's Patroni config and PostgreSQL data (kept across up/down)
+    state/etcd/REGION/   each etcd member's data
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,15 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from regions import migrate
+from regions import migrate, replication
 from regions import topology as topo
-from regions.postgres import PostgresNode
 
 log = logging.getLogger(__name__)
 
-ROLES = ("db", "service", "sidecar", "edge", "global")
+ROLES = ("etcd", "db", "service", "sidecar", "edge", "global")
 
 
 class LocalError(RuntimeError):
@@ -64,7 +68,23 @@ def load_topology(env: Mapping[str, str] = os.environ) -> topo.Topology:
         if not raw.isdigit() or not 1024 <= int(raw) <= 60000:
             raise LocalError(f"MESHBANK_BASE_PORT={raw!r} must be a number between 1024 and 60000")
         topology = topo.with_port_base(topology, int(raw))
+    _outside_ephemeral_range(topology)
     return topology
+
+
+def _outside_ephemeral_range(topology: topo.Topology) -> None:
+    """Refuse a port plan inside the kernel's ephemeral range (random bind failures)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return
+    inside = sorted(p for p in topology.all_ports() if low <= p <= high)
+    if inside:
+        raise LocalError(
+            f"ports {inside[0]}..{inside[-1]} of the port plan are inside the ephemeral range "
+            f"{low}-{high}, where outgoing connections take their source ports; move the plan "
+            "(topology ports or MESHBANK_BASE_PORT) below it"
+        )
 
 
 def envoy_binary() -> str:
@@ -80,15 +100,17 @@ def descriptor_path() -> Path:
 def load_secrets(state: Path) -> dict[str, str]:
     """The deployment's generated secrets, created on first use (file mode 0600)."""
     path = state / "secrets.json"
-    if path.exists():
-        data: dict[str, str] = json.loads(path.read_text())
-        return data
-    state.mkdir(parents=True, exist_ok=True)
-    data = {
-        "database_password": secrets.token_urlsafe(24),
-        "key_passphrase": secrets.token_urlsafe(32),
+    data: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    missing = {
+        "database_password": lambda: secrets.token_urlsafe(24),
+        "replication_password": lambda: secrets.token_urlsafe(24),
+        "key_passphrase": lambda: secrets.token_urlsafe(32),
     }
-    save_secrets(state, data)
+    if not all(k in data for k in missing):
+        state.mkdir(parents=True, exist_ok=True)
+        for key, make in missing.items():
+            data.setdefault(key, make())
+        save_secrets(state, data)
     return data
 
 
@@ -104,8 +126,29 @@ def _write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def postgres_node(state: Path, topology: topo.Topology, secret: Mapping[str, str]) -> PostgresNode:
-    return PostgresNode(state / "postgres", topology.ports["database"], secret["database_password"])
+def database_url(topology: topo.Topology, port: int, secret: Mapping[str, str]) -> str:
+    password = secret["database_password"]
+    return f"postgresql+psycopg://meshbank:{password}@{topology.host}:{port}/meshbank"
+
+
+def primary_url(state: Path, topology: topo.Topology, timeout: float = 30.0) -> str:
+    """The URL of the current leader (found through Patroni), for operator commands."""
+    deadline = time.monotonic() + timeout
+    while True:
+        region = replication.leader(topology)
+        if region is not None:
+            return database_url(topology, topology.database_port(region), load_secrets(state))
+        if time.monotonic() > deadline:
+            raise LocalError("no database leader: is `meshbank up` running?")
+        time.sleep(0.5)
+
+
+def etcd_healthy(address: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=timeout) as reply:  # noqa: S310
+            return bool(json.loads(reply.read()).get("health") == "true")
+    except (OSError, ValueError):
+        return False
 
 
 def grpc_healthy(channel: grpc.Channel, timeout: float = 0.5) -> bool:
@@ -219,7 +262,7 @@ def write_control(state: Path, held: Mapping[str, list[str]]) -> None:
 
 
 class Supervisor:
-    """Owns PostgreSQL, the services, their sidecars, the edges and the global entry."""
+    """Owns etcd, Patroni/PostgreSQL, the services, sidecars, edges and the global entry."""
 
     def __init__(self, state: Path, topology: topo.Topology) -> None:
         from mesh import envoy as envoy_config
@@ -228,9 +271,9 @@ class Supervisor:
         self.state = state
         self.topology = topology
         self.secrets = load_secrets(state)
-        self.node = postgres_node(state, topology, self.secrets)
-        for sub in ("logs", "mesh"):
+        for sub in ("logs", "mesh", "db", "etcd"):
             (state / sub).mkdir(parents=True, exist_ok=True)
+        (state / "db").chmod(0o755)
         self._ca = LocalCA(state / "pki")
         self._paths = envoy_config.Paths(state / "pki", descriptor_path())
         self._channels: dict[str, grpc.Channel] = {}
@@ -278,12 +321,33 @@ class Supervisor:
     def _plan(self) -> list[Child]:
         t = self.topology
         children: list[Child] = []
+        for region in t.region_names:
+            children.append(
+                Child(
+                    region, "etcd", "etcd", f"{region}-etcd",
+                    replication.etcd_argv(t, region, self.state / "etcd" / region),
+                    dict(os.environ), self.state / "logs" / f"{region}-etcd.log",
+                    lambda r=region: etcd_healthy(f"{t.host}:{t.etcd_client_port(r)}"),
+                )
+            )
+        for region in t.region_names:
+            argv, _ = replication.prepare_member(t, region, self.state / "db", self.secrets)
+            children.append(
+                Child(
+                    region, "db", "patroni", f"{region}-db", argv,
+                    {k: v for k, v in os.environ.items() if not k.startswith("MESHBANK_")},
+                    self.state / "logs" / f"{region}-db.log",
+                    lambda r=region: replication.patroni_get(t.patroni_port(r), "/health")[0]
+                    == 200,
+                )
+            )
         for i in t.instances():
             env = dict(os.environ)
             env.update(
-                MESHBANK_DATABASE_URL=self.node.url().replace(
-                    f":{t.ports['database']}/", f":{i.db_outbound_port}/"
-                ),
+                # Through the sidecar: writes to whichever member Patroni says is the
+                # primary, reads that accept staleness from the region's own member.
+                MESHBANK_DATABASE_URL=database_url(t, i.db_primary_port, self.secrets),
+                MESHBANK_DATABASE_READ_URL=database_url(t, i.db_replica_port, self.secrets),
                 MESHBANK_LISTEN_ADDRESS=f"{t.host}:{i.service_port}",
                 MESHBANK_INSTANCE_ID=i.name,
                 MESHBANK_REGION=i.region,
@@ -318,8 +382,24 @@ class Supervisor:
         return children
 
     def prepare(self) -> None:
-        """Certificates and Envoy configs, regenerated from the topology on every start."""
+        """Certificates and Envoy configs, regenerated from the topology on every start.
+
+        etcd only holds Patroni's coordination state (leader key, member list), and its
+        members remember their peers' addresses: if the port plan changed, start it
+        afresh; Patroni re-publishes the cluster from the PostgreSQL data directories.
+        """
         from mesh import envoy as envoy_config
+
+        etcd_dir = self.state / "etcd"
+        marker = etcd_dir / "cluster.txt"
+        first = self.topology.region_names[0]
+        cluster = " ".join(replication.etcd_argv(self.topology, first, etcd_dir)[1:])
+        if marker.exists() and marker.read_text() != cluster:
+            log.warning("the etcd port plan changed: starting etcd with empty data")
+            for region in self.topology.region_names:
+                shutil.rmtree(etcd_dir / region, ignore_errors=True)
+        etcd_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(cluster)
 
         for identity in envoy_config.identities(self.topology):
             self._ca.issue(identity)
@@ -335,20 +415,16 @@ class Supervisor:
         try:
             self._write_status(phase="starting")
             self.prepare()
-            self.node.init()
-            self.node.start()
-            self.node.create_database("meshbank")
-            migrate.upgrade(self.node.url())
             for child in self.children:
-                child.start()
+                if child.role in ("etcd", "db"):
+                    child.start()
+            self._prepare_database()
+            for child in self.children:
+                if child.role not in ("etcd", "db"):
+                    child.start()
             seeded = False
             while not self._stop.is_set():
                 held = read_control(self.state)
-                node_died = self.node.process is not None and self.node.process.poll() is not None
-                if node_died and "db" not in held.get("global", []):
-                    log.warning("postgres exited; restarting")
-                    self.node.process = None
-                    self.node.start()
                 for child in self.children:
                     child.poll(held=child.role in held.get(child.region, []))
                     child.healthy = child.alive and child.check()
@@ -369,10 +445,33 @@ class Supervisor:
             pid_file.unlink(missing_ok=True)
             self._write_status(phase="stopped")
 
+    def _prepare_database(self, timeout: float = 180.0) -> None:
+        """Wait for a leader, create the database on it and apply the migrations."""
+        deadline = time.monotonic() + timeout
+        while (region := replication.leader(self.topology)) is None:
+            if self._stop.is_set() or time.monotonic() > deadline:
+                raise LocalError("the database cluster elected no leader; see logs/*-db.log")
+            for child in self.children:
+                if child.role in ("etcd", "db"):
+                    child.poll(held=False)
+            time.sleep(0.5)
+        url = database_url(self.topology, self.topology.database_port(region), self.secrets)
+        admin = sa.create_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                exists = conn.execute(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = 'meshbank'")
+                ).first()
+                if not exists:
+                    conn.execute(sa.text("CREATE DATABASE meshbank"))
+        finally:
+            admin.dispose()
+        migrate.upgrade(url)
+
     def shutdown(self) -> None:
-        """Entry first, then edges, sidecars and services, then PostgreSQL."""
+        """Entry first, then edges, sidecars and services, then the database, then etcd."""
         log.info("stopping every process")
-        order = ["global", "edge", "sidecar", "service"]
+        order = ["global", "edge", "sidecar", "service", "db", "etcd"]
         for role in order:
             group = [c for c in self.children if c.role == role]
             for child in group:
@@ -382,7 +481,6 @@ class Supervisor:
                 child.stop(grace=15.0)
         for channel in self._channels.values():
             channel.close()
-        self.node.stop()
 
     def endpoints(self) -> dict[str, Any]:
         t = self.topology
@@ -393,21 +491,12 @@ class Supervisor:
             "default_location": location,
             "global": {r: f"{t.host}:{t.global_port(r)}" for r in t.region_names},
             "edges": {r: f"{t.host}:{t.edge_port(r)}" for r in t.region_names},
-            "database": f"{t.host}:{t.ports['database']}",
+            "database": {r: f"{t.host}:{t.database_port(r)}" for r in t.region_names},
+            "patroni": {r: f"{t.host}:{t.patroni_port(r)}" for r in t.region_names},
         }
 
     def _write_status(self, phase: str) -> bool:
-        node_proc = self.node.process
-        processes: list[dict[str, Any]] = [
-            {
-                "region": "global",
-                "role": "db",
-                "service": "postgres",
-                "name": "postgres",
-                "pid": node_proc.pid if node_proc else None,
-                "healthy": node_proc is not None and node_proc.poll() is None,
-            }
-        ]
+        processes: list[dict[str, Any]] = []
         for child in self.children:
             processes.append(
                 {
@@ -423,6 +512,7 @@ class Supervisor:
         status = {
             "phase": phase,
             "supervisor_pid": os.getpid(),
+            "database_leader": replication.leader(self.topology),
             "regions": list(self.topology.region_names),
             "processes": processes,
             "endpoints": self.endpoints(),
@@ -500,7 +590,8 @@ def _ours(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return any(word in cmdline for word in (b"services.cli", b"envoy", b"postgres"))
+    words = (b"services.cli", b"envoy", b"postgres", b"patroni", b"etcd")
+    return any(word in cmdline for word in words)
 
 
 def kill_leftovers(state: Path) -> None:
@@ -524,11 +615,16 @@ def kill_region(state: Path, region: str, roles: list[str]) -> list[str]:
     killed = []
     for proc in status["processes"]:
         if proc["region"] == region and proc["role"] in roles and proc.get("pid"):
-            try:
-                os.kill(proc["pid"], signal.SIGKILL)
-                killed.append(proc["name"])
-            except ProcessLookupError:
-                pass
+            pids = [proc["pid"]]
+            if proc["role"] == "db":
+                # Patroni's PostgreSQL outlives a SIGKILLed Patroni: kill it too.
+                postmaster = replication.postmaster_pid(state / "db" / region)
+                if postmaster is not None and _ours(postmaster):
+                    pids.append(postmaster)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed.append(proc["name"])
     return killed
 
 

@@ -18,7 +18,7 @@ import yaml
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topology.yaml"
 SERVICE_NAMES = ("auth", "account", "transfer")
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-PORTS_PER_INSTANCE = 4
+PORTS_PER_INSTANCE = 5
 
 
 class TopologyError(ValueError):
@@ -48,7 +48,8 @@ class Instance:
     replica: int
     service_port: int
     inbound_port: int
-    db_outbound_port: int
+    db_primary_port: int
+    db_replica_port: int
     admin_port: int
 
     @property
@@ -100,8 +101,9 @@ class Topology:
                         replica=replica,
                         service_port=base,
                         inbound_port=base + 1,
-                        db_outbound_port=base + 2,
-                        admin_port=base + 3,
+                        db_primary_port=base + 2,
+                        db_replica_port=base + 3,
+                        admin_port=base + 4,
                     )
                     n += 1
 
@@ -114,24 +116,38 @@ class Topology:
     def edge_admin_port(self, region: str) -> int:
         return self.ports["edge_admin"] + self.region(region).index
 
+    def database_port(self, region: str) -> int:
+        return self.ports["database"] + self.region(region).index
+
+    def patroni_port(self, region: str) -> int:
+        return self.ports["patroni"] + self.region(region).index
+
+    def etcd_client_port(self, region: str) -> int:
+        return self.ports["etcd_client"] + self.region(region).index
+
+    def etcd_peer_port(self, region: str) -> int:
+        return self.ports["etcd_peer"] + self.region(region).index
+
     def all_ports(self) -> dict[int, str]:
         """Every port the deployment binds, with what binds it (for clash checks)."""
         used: dict[int, str] = {}
-        claims: list[tuple[int, str]] = [
-            (self.ports["global_admin"], "global entry admin"),
-            (self.ports["database"], "database"),
-        ]
+        claims: list[tuple[int, str]] = [(self.ports["global_admin"], "global entry admin")]
         for r in self.regions:
             claims += [
                 (self.global_port(r.name), f"global entry listener for {r.name}"),
                 (self.edge_port(r.name), f"{r.name} edge"),
                 (self.edge_admin_port(r.name), f"{r.name} edge admin"),
+                (self.database_port(r.name), f"{r.name} PostgreSQL"),
+                (self.patroni_port(r.name), f"{r.name} Patroni API"),
+                (self.etcd_client_port(r.name), f"{r.name} etcd client"),
+                (self.etcd_peer_port(r.name), f"{r.name} etcd peer"),
             ]
         for i in self.instances():
             claims += [
                 (i.service_port, f"{i.name} service"),
                 (i.inbound_port, f"{i.name} sidecar inbound"),
-                (i.db_outbound_port, f"{i.name} sidecar database outbound"),
+                (i.db_primary_port, f"{i.name} sidecar database primary outbound"),
+                (i.db_replica_port, f"{i.name} sidecar database replica outbound"),
                 (i.admin_port, f"{i.name} sidecar admin"),
             ]
         problems = []
@@ -210,7 +226,11 @@ def parse(data: Any, source: str = "<topology>") -> Topology:
 
     ports_raw = data.get("ports") or {}
     ports: dict[str, int] = {}
-    for key in ("global", "global_admin", "edge", "edge_admin", "database", "instances"):
+    port_keys = (
+        "global", "global_admin", "edge", "edge_admin", "database", "patroni",
+        "etcd_client", "etcd_peer", "instances",
+    )
+    for key in port_keys:
         value = ports_raw.get(key) if isinstance(ports_raw, dict) else None
         if not isinstance(value, int) or isinstance(value, bool):
             problems.append(f"ports.{key}: an integer port is required")

@@ -34,8 +34,7 @@ def _database_url() -> str:
             "meshbank: no MESHBANK_DATABASE_URL and no local deployment in "
             f"{state} (run `meshbank up` first)"
         )
-    secret = local.load_secrets(state)
-    return local.postgres_node(state, local.load_topology(), secret).url()
+    return local.primary_url(state, local.load_topology())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -255,7 +254,9 @@ def parser() -> argparse.ArgumentParser:
     s = region.add_parser("kill", help="SIGKILL a region's processes and keep them down")
     s.add_argument("region")
     s.add_argument(
-        "--roles", default="service,sidecar,edge", help="comma-separated: service,sidecar,edge"
+        "--roles",
+        default="service,sidecar,edge,db,etcd",
+        help="comma-separated subset of service,sidecar,edge,db,etcd (default: all)",
     )
     s.set_defaults(func=cmd_region_kill)
     s = region.add_parser("restore", help="let the supervisor restart a killed region")

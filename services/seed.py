@@ -31,7 +31,7 @@ DEMO_PARTNER = "demo-partner"
 def seed_demo(state: Path, secret: dict[str, str], endpoints: Mapping[str, str]) -> dict[str, str]:
     """Create the demo user, partner, treasury and funded accounts once; return the secrets."""
     secret = dict(secret)
-    admin = app.auth_admin(local.postgres_node(state, local.load_topology(), secret).url())
+    admin = app.auth_admin(local.primary_url(state, local.load_topology()))
     if "demo_password" not in secret:
         secret["demo_password"] = secrets.token_urlsafe(12)
         try:

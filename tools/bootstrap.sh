@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything meshbank needs on a bare Debian bookworm machine, idempotently:
-# the Debian packages (PostgreSQL 15 server binaries), a virtualenv in .venv and the
-# exactly pinned Python packages. A second run with nothing changed takes ~1 s.
+# the Debian packages (PostgreSQL 15 server binaries, etcd 3.4), Patroni's own venv in
+# /opt/meshbank (Debian's python3, readable by the postgres user), a virtualenv in .venv
+# and the exactly pinned Python packages. A second run with nothing changed takes ~1 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(postgresql-15 postgresql-client-15 python3-venv util-linux procps)
+APT_PACKAGES=(postgresql-15 postgresql-client-15 etcd-server python3-venv util-linux procps iproute2 iptables)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -24,6 +25,19 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Patroni 3.1.2 in its own venv: see regions/replication.py for why this version.
+PATRONI_VENV=${MESHBANK_PATRONI_VENV:-/opt/meshbank/patroni-venv}
+patroni_want=$(sha256sum regions/patroni-requirements.txt | cut -d' ' -f1)
+if [[ ! -f $PATRONI_VENV/.installed || $(cat "$PATRONI_VENV/.installed") != "$patroni_want" ]]; then
+  echo "bootstrap: installing Patroni into $PATRONI_VENV"
+  mkdir -p "$(dirname "$PATRONI_VENV")"
+  /usr/bin/python3 -m venv "$PATRONI_VENV"
+  "$PATRONI_VENV/bin/pip" install -q --disable-pip-version-check -r regions/patroni-requirements.txt 2>&1 \
+    | { grep -v -E "Location 'file:|DEPRECATION|^ *$" || true; }
+  chmod -R a+rX "$(dirname "$PATRONI_VENV")"
+  echo "$patroni_want" > "$PATRONI_VENV/.installed"
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -53,7 +53,7 @@ def test_default_topology_has_three_regions_with_two_replicas_each() -> None:
         ("services.transfer.replicas", "two", "positive integer"),
         ("services.account", None, "services.account: missing"),
         ("services.ledger", {"replicas": 1}, "unknown service"),
-        ("ports.edge", 40000, "port 40000 is used by both"),
+        ("ports.edge", 21000, "port 21000 is used by both"),
         ("ports.instances", 65500, "outside 1024-65535"),
         ("ports.global", None, "ports.global"),
         ("default_location", "moon", "unknown region 'moon'"),

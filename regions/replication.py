@@ -1,0 +1,230 @@
+"""The replicated database of the local deployment: etcd + Patroni + PostgreSQL per region.
+
+Settings measured on these machines (DESIGN.md, "Data layer"): Patroni 3.1.2 from PyPI
+(Debian's 3.0.2 lost acknowledged writes when a paused old leader resumed; 3.2+ forces
+ttl >= 20), ``ttl 6 / loop_wait 1 / retry_timeout 2`` (a 6.4-6.6 s write outage after
+SIGKILL of the leader), synchronous replication so an acknowledged write is on two
+regions, etcd with ``--pre-vote`` (without it healing a partition causes a second
+outage), ``failsafe_mode`` off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from regions.postgres import PG_BIN
+from regions.topology import Topology
+
+SCOPE = "meshbank"
+PATRONI_VERSION = "3.1.2"
+PATRONI_REQUIREMENTS = Path(__file__).resolve().parent / "patroni-requirements.txt"
+
+
+def patroni_venv() -> Path:
+    """Patroni's own venv, built with Debian's /usr/bin/python3 (see tools/bootstrap.sh).
+
+    A venv of the pyenv Python in root's 0700 home is unreadable for the postgres user,
+    which hung bootstrap here; Debian's interpreter lives in /usr.
+    """
+    return Path(os.environ.get("MESHBANK_PATRONI_VENV", "/opt/meshbank/patroni-venv"))
+
+
+def patroni_binary() -> str:
+    return str(patroni_venv() / "bin" / "patroni")
+
+
+def etcd_binary() -> str:
+    return os.environ.get("MESHBANK_ETCD", "/usr/bin/etcd")
+
+
+def etcd_argv(topology: Topology, region: str, data_dir: Path) -> list[str]:
+    host = topology.host
+    cluster = ",".join(f"{r}=http://{host}:{topology.etcd_peer_port(r)}" for r in topology.region_names)
+    return [
+        etcd_binary(),
+        "--name", region,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", f"http://{host}:{topology.etcd_client_port(region)}",
+        "--advertise-client-urls", f"http://{host}:{topology.etcd_client_port(region)}",
+        "--listen-peer-urls", f"http://{host}:{topology.etcd_peer_port(region)}",
+        "--initial-advertise-peer-urls", f"http://{host}:{topology.etcd_peer_port(region)}",
+        "--initial-cluster", cluster,
+        "--initial-cluster-token", f"{SCOPE}-etcd",
+        "--initial-cluster-state", "new",
+        # Without pre-vote, a healed partition forces a second election (2-3 s outage).
+        "--pre-vote=true",
+        "--heartbeat-interval", "100",
+        "--election-timeout", "1000",
+        "--logger", "zap",
+        "--log-level", "warn",
+    ]
+
+
+def patroni_config(
+    topology: Topology, region: str, member_dir: Path, secret: Mapping[str, str]
+) -> dict[str, Any]:
+    host = topology.host
+    return {
+        "scope": SCOPE,
+        "namespace": f"/{SCOPE}/",
+        "name": region,
+        "log": {"level": "WARNING"},
+        "restapi": {
+            "listen": f"{host}:{topology.patroni_port(region)}",
+            "connect_address": f"{host}:{topology.patroni_port(region)}",
+        },
+        "etcd3": {
+            "hosts": [f"{host}:{topology.etcd_client_port(r)}" for r in topology.region_names],
+            "protocol": "http",
+        },
+        "bootstrap": {
+            "dcs": {
+                "ttl": 6,
+                "loop_wait": 1,
+                "retry_timeout": 2,
+                "maximum_lag_on_failover": 1048576,
+                # Only a synchronous standby may be promoted, and a commit returns only
+                # once one standby in another region has it: an acknowledged write
+                # survives the loss of any one region.
+                "synchronous_mode": True,
+                "failsafe_mode": False,
+                "postgresql": {
+                    "use_pg_rewind": True,
+                    "use_slots": True,
+                    "parameters": {
+                        "wal_level": "replica",
+                        "hot_standby": "on",
+                        "max_wal_senders": 10,
+                        "max_replication_slots": 10,
+                        "wal_log_hints": "on",
+                        "max_connections": 400,
+                        "wal_sender_timeout": "5s",
+                        "wal_receiver_status_interval": "1s",
+                        "hot_standby_feedback": "on",
+                    },
+                },
+            },
+            "initdb": [{"encoding": "UTF8"}, {"locale": "C.UTF-8"}, "data-checksums"],
+        },
+        "postgresql": {
+            "listen": f"{host}:{topology.database_port(region)}",
+            "connect_address": f"{host}:{topology.database_port(region)}",
+            "data_dir": str(member_dir / "data"),
+            "bin_dir": str(PG_BIN),
+            "pgpass": str(member_dir / "pgpass"),
+            "authentication": {
+                "superuser": {"username": "meshbank", "password": secret["database_password"]},
+                "replication": {
+                    "username": "replicator",
+                    "password": secret["replication_password"],
+                },
+                "rewind": {"username": "meshbank", "password": secret["database_password"]},
+            },
+            "pg_hba": [
+                "local all all trust",
+                f"host replication replicator {host}/32 scram-sha-256",
+                f"host all all {host}/32 scram-sha-256",
+            ],
+            "parameters": {
+                "unix_socket_directories": str(member_dir),
+                "shared_buffers": "128MB",
+                "password_encryption": "scram-sha-256",
+            },
+        },
+        "tags": {"nofailover": False, "noloadbalance": False, "region": region},
+    }
+
+
+def _chown_postgres(path: Path) -> None:
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def prepare_member(
+    topology: Topology, region: str, db_dir: Path, secret: Mapping[str, str]
+) -> tuple[list[str], Path]:
+    """Write a member's Patroni config; return the command that runs it and the config."""
+    member_dir = db_dir / region
+    member_dir.mkdir(parents=True, exist_ok=True)
+    member_dir.chmod(0o700)
+    _chown_postgres(member_dir)
+    config = member_dir / "patroni.yaml"
+    config.write_text(yaml.safe_dump(patroni_config(topology, region, member_dir, secret)))
+    config.chmod(0o600)
+    _chown_postgres(config)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+    return [*prefix, patroni_binary(), str(config)], config
+
+
+def patroni_get(port: int, path: str, host: str = "127.0.0.1", timeout: float = 1.0) -> tuple[int, Any]:
+    """GET a Patroni REST endpoint; (status, JSON body) or (0, None) if unreachable."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as reply:  # noqa: S310
+            return reply.status, json.loads(reply.read() or b"null")
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code, json.loads(err.read() or b"null")
+        except ValueError:
+            return err.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def cluster_state(topology: Topology) -> dict[str, Any] | None:
+    """Patroni's view of the cluster (members, roles, lag), from the first member that answers."""
+    for region in topology.region_names:
+        code, body = patroni_get(topology.patroni_port(region), "/cluster")
+        if code == 200 and isinstance(body, dict):
+            return body
+    return None
+
+
+def leader(topology: Topology) -> str | None:
+    """The region whose member is the primary, according to the members themselves."""
+    for region in topology.region_names:
+        code, _ = patroni_get(topology.patroni_port(region), "/primary")
+        if code == 200:
+            return region
+    return None
+
+
+def replication_healthy(topology: Topology) -> bool:
+    """One leader, every other member streaming with no lag, and a synchronous standby."""
+    state = cluster_state(topology)
+    if not state:
+        return False
+    members = state.get("members", [])
+    if len(members) != len(topology.region_names):
+        return False
+    leaders = [m for m in members if m.get("role") == "leader"]
+    sync = [m for m in members if m.get("role") == "sync_standby"]
+    others = [m for m in members if m.get("role") != "leader"]
+    streaming = all(m.get("state") in ("streaming", "running") for m in others)
+    lag_zero = all(m.get("lag", 0) in (0, "0") for m in others)
+    return len(leaders) == 1 and len(sync) >= 1 and streaming and lag_zero
+
+
+def postmaster_pid(member_dir: Path) -> int | None:
+    try:
+        return int((member_dir / "data" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def patronictl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(patroni_venv() / "bin" / "patronictl"), "-c", str(config), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
