@@ -324,9 +324,13 @@ class Supervisor:
         for region in t.region_names:
             children.append(
                 Child(
-                    region, "etcd", "etcd", f"{region}-etcd",
+                    region,
+                    "etcd",
+                    "etcd",
+                    f"{region}-etcd",
                     replication.etcd_argv(t, region, self.state / "etcd" / region),
-                    dict(os.environ), self.state / "logs" / f"{region}-etcd.log",
+                    dict(os.environ),
+                    self.state / "logs" / f"{region}-etcd.log",
                     lambda r=region: etcd_healthy(f"{t.host}:{t.etcd_client_port(r)}"),
                 )
             )
@@ -334,11 +338,16 @@ class Supervisor:
             argv, _ = replication.prepare_member(t, region, self.state / "db", self.secrets)
             children.append(
                 Child(
-                    region, "db", "patroni", f"{region}-db", argv,
+                    region,
+                    "db",
+                    "patroni",
+                    f"{region}-db",
+                    argv,
                     {k: v for k, v in os.environ.items() if not k.startswith("MESHBANK_")},
                     self.state / "logs" / f"{region}-db.log",
-                    lambda r=region: replication.patroni_get(t.patroni_port(r), "/health")[0]
-                    == 200,
+                    lambda r=region: (
+                        replication.patroni_get(t.patroni_port(r), "/health")[0] == 200
+                    ),
                 )
             )
         for i in t.instances():

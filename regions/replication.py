@@ -48,24 +48,39 @@ def etcd_binary() -> str:
 
 def etcd_argv(topology: Topology, region: str, data_dir: Path) -> list[str]:
     host = topology.host
-    cluster = ",".join(f"{r}=http://{host}:{topology.etcd_peer_port(r)}" for r in topology.region_names)
+    cluster = ",".join(
+        f"{r}=http://{host}:{topology.etcd_peer_port(r)}" for r in topology.region_names
+    )
     return [
         etcd_binary(),
-        "--name", region,
-        "--data-dir", str(data_dir),
-        "--listen-client-urls", f"http://{host}:{topology.etcd_client_port(region)}",
-        "--advertise-client-urls", f"http://{host}:{topology.etcd_client_port(region)}",
-        "--listen-peer-urls", f"http://{host}:{topology.etcd_peer_port(region)}",
-        "--initial-advertise-peer-urls", f"http://{host}:{topology.etcd_peer_port(region)}",
-        "--initial-cluster", cluster,
-        "--initial-cluster-token", f"{SCOPE}-etcd",
-        "--initial-cluster-state", "new",
+        "--name",
+        region,
+        "--data-dir",
+        str(data_dir),
+        "--listen-client-urls",
+        f"http://{host}:{topology.etcd_client_port(region)}",
+        "--advertise-client-urls",
+        f"http://{host}:{topology.etcd_client_port(region)}",
+        "--listen-peer-urls",
+        f"http://{host}:{topology.etcd_peer_port(region)}",
+        "--initial-advertise-peer-urls",
+        f"http://{host}:{topology.etcd_peer_port(region)}",
+        "--initial-cluster",
+        cluster,
+        "--initial-cluster-token",
+        f"{SCOPE}-etcd",
+        "--initial-cluster-state",
+        "new",
         # Without pre-vote, a healed partition forces a second election (2-3 s outage).
         "--pre-vote=true",
-        "--heartbeat-interval", "100",
-        "--election-timeout", "1000",
-        "--logger", "zap",
-        "--log-level", "warn",
+        "--heartbeat-interval",
+        "100",
+        "--election-timeout",
+        "1000",
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
     ]
 
 
@@ -168,7 +183,9 @@ def prepare_member(
     return [*prefix, patroni_binary(), str(config)], config
 
 
-def patroni_get(port: int, path: str, host: str = "127.0.0.1", timeout: float = 1.0) -> tuple[int, Any]:
+def patroni_get(
+    port: int, path: str, host: str = "127.0.0.1", timeout: float = 1.0
+) -> tuple[int, Any]:
     """GET a Patroni REST endpoint; (status, JSON body) or (0, None) if unreachable."""
     try:
         with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as reply:  # noqa: S310
@@ -226,5 +243,8 @@ def postmaster_pid(member_dir: Path) -> int | None:
 def patronictl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(patroni_venv() / "bin" / "patronictl"), "-c", str(config), *args],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )

@@ -227,8 +227,15 @@ def parse(data: Any, source: str = "<topology>") -> Topology:
     ports_raw = data.get("ports") or {}
     ports: dict[str, int] = {}
     port_keys = (
-        "global", "global_admin", "edge", "edge_admin", "database", "patroni",
-        "etcd_client", "etcd_peer", "instances",
+        "global",
+        "global_admin",
+        "edge",
+        "edge_admin",
+        "database",
+        "patroni",
+        "etcd_client",
+        "etcd_peer",
+        "instances",
     )
     for key in port_keys:
         value = ports_raw.get(key) if isinstance(ports_raw, dict) else None

@@ -20,7 +20,7 @@ from services.auth.passwords import Passwords
 from services.auth.servicer import AuthServicer
 from services.auth.tokens import CachingKeySource, TokenIssuer, TokenVerifier
 from services.common.config import ServiceConfig
-from services.common.db import make_engine
+from services.common.db import RetryPolicy, make_engine
 from services.common.server import Registration
 from services.ledger.handlers import LedgerService
 from services.ledger.sql import SqlTransactionRunner
@@ -32,6 +32,9 @@ AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 API_SERVICES = (AUTH_SERVICE, ACCOUNT_SERVICE, TRANSFER_SERVICE)
 
 
+REPLICA_POLICY = RetryPolicy(max_attempts=2, base_delay=0.005, max_delay=0.01)
+
+
 @dataclass(frozen=True)
 class Built:
     """The registrations to serve and the resources to close at shutdown."""
@@ -40,7 +43,12 @@ class Built:
     engine: Engine
 
 
-def build_with_engine(config: ServiceConfig, services: Iterable[str], engine: Engine) -> Built:
+def build_with_engine(
+    config: ServiceConfig,
+    services: Iterable[str],
+    engine: Engine,
+    read_engine: Engine | None = None,
+) -> Built:
     wanted = set(services)
     unknown = wanted - {"account", "transfer", "auth"}
     if unknown:
@@ -50,7 +58,13 @@ def build_with_engine(config: ServiceConfig, services: Iterable[str], engine: En
         config.token_audience,
         CachingKeySource(lambda: auth_sql.load_public_keys(engine)),
     )
-    ledger = LedgerService(SqlTransactionRunner(engine))
+    ledger = LedgerService(
+        SqlTransactionRunner(engine),
+        # A replica that fails is skipped at once (the read falls back to the primary).
+        read_replica=SqlTransactionRunner(read_engine, policy=REPLICA_POLICY)
+        if read_engine is not None
+        else None,
+    )
     registrations: list[Registration] = []
     if "auth" in wanted:
         auth = AuthService(
@@ -92,7 +106,15 @@ def build(config: ServiceConfig, services: Iterable[str]) -> Built:
         pool_size=config.db_pool_size,
         application_name=f"meshbank-{'-'.join(sorted(services))}",
     )
-    return build_with_engine(config, services, engine)
+    read_engine = None
+    if config.read_database_url:
+        read_engine = make_engine(
+            config.read_database_url,
+            pool_size=config.db_pool_size,
+            application_name=f"meshbank-{'-'.join(sorted(services))}-reads",
+            isolation_level="REPEATABLE READ",
+        )
+    return build_with_engine(config, services, engine, read_engine)
 
 
 def auth_admin(database_url: str) -> AuthService:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -13,6 +15,9 @@ from services.common.grpc_errors import translate_errors
 from services.common.requests import request_key
 from services.ledger.handlers import LedgerService, OpenAccount
 from services.ledger.model import Account, AccountState
+
+DEFAULT_MAX_STALENESS = 10.0
+MAX_STALENESS = 60.0
 
 _STATES = {
     AccountState.OPEN: account_pb2.ACCOUNT_STATE_OPEN,
@@ -76,10 +81,22 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         principal = authenticate(context, self._verifier)
         v = Violations()
         account_id = validation.parse_uuid(v, "account_id", request.account_id)
+        max_staleness = None
+        if request.consistency == account_pb2.READ_CONSISTENCY_BOUNDED_STALENESS:
+            max_staleness = DEFAULT_MAX_STALENESS
+            if request.HasField("max_staleness"):
+                max_staleness = request.max_staleness.ToTimedelta().total_seconds()
+                if not 0 < max_staleness <= MAX_STALENESS:
+                    v.add("max_staleness", f"must be more than 0 s and at most {MAX_STALENESS} s")
+        elif request.HasField("max_staleness"):
+            v.add("max_staleness", "applies only to READ_CONSISTENCY_BOUNDED_STALENESS")
+        if request.consistency not in account_pb2.ReadConsistency.values():
+            v.add("consistency", "is not a known read consistency")
         v.raise_if_any()
-        return account_pb2.GetAccountResponse(
-            account=to_proto(self._ledger.get_account(principal, account_id))
-        )
+        account, staleness = self._ledger.get_account(principal, account_id, max_staleness)
+        reply = account_pb2.GetAccountResponse(account=to_proto(account))
+        reply.staleness.FromTimedelta(timedelta(seconds=round(staleness, 3)))
+        return reply
 
     @translate_errors
     def ListAccounts(

@@ -18,6 +18,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class ServiceConfig:
     database_url: str
+    read_database_url: str | None
     listen_address: str
     token_issuer: str
     token_audience: str
@@ -76,8 +77,14 @@ def load(
             )
         elif len(passphrase) < 16:
             problems.append("MESHBANK_KEY_PASSPHRASE must be at least 16 characters")
+    read_url = env.get("MESHBANK_DATABASE_READ_URL") or None
+    if read_url and not read_url.startswith(("postgresql+psycopg://", "cockroachdb+psycopg://")):
+        problems.append(
+            "MESHBANK_DATABASE_READ_URL must use postgresql+psycopg:// or cockroachdb+psycopg://"
+        )
     config = ServiceConfig(
         database_url=database_url,
+        read_database_url=read_url,
         listen_address=_listen(env, problems),
         token_issuer=env.get("MESHBANK_TOKEN_ISSUER", "meshbank-auth"),
         token_audience=env.get("MESHBANK_TOKEN_AUDIENCE", "meshbank-api"),

@@ -73,14 +73,24 @@ class RetryPolicy:
         return rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
 
-def make_engine(url: str, *, pool_size: int = 10, application_name: str = "meshbank") -> Engine:
-    """Create the engine; connects lazily (nothing connects at import or construction)."""
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    application_name: str = "meshbank",
+    isolation_level: str = "SERIALIZABLE",
+) -> Engine:
+    """Create the engine; connects lazily (nothing connects at import or construction).
+
+    Replicas take REPEATABLE READ: a hot standby refuses SERIALIZABLE, and a read-only
+    snapshot of one account needs nothing stronger.
+    """
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        isolation_level="SERIALIZABLE",
+        isolation_level=isolation_level,
         connect_args={"application_name": application_name},
     )
     if engine.dialect.driver == "psycopg":

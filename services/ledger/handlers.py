@@ -84,10 +84,12 @@ class LedgerService:
         self,
         run: TransactionRunner,
         *,
+        read_replica: TransactionRunner | None = None,
         clock: Clock = lambda: datetime.now(UTC),
         new_id: IdFactory = uuid.uuid4,
     ) -> None:
         self._run = run
+        self._read_replica = read_replica
         self._clock = clock
         self._new_id = new_id
 
@@ -147,14 +149,34 @@ class LedgerService:
 
         return self._run(work)
 
-    def get_account(self, principal: Principal, account_id: uuid.UUID) -> Account:
+    def get_account(
+        self, principal: Principal, account_id: uuid.UUID, max_staleness: float | None = None
+    ) -> tuple[Account, float]:
+        """The account and an upper bound (seconds) on how stale it may be.
+
+        With ``max_staleness`` set, the read goes to the region's replica when that is
+        at most so far behind, and to the primary otherwise (or if the replica is down).
+        """
         principal.require(Scope.ACCOUNTS_READ)
-        account = self._run(lambda uow: uow.accounts.get(account_id), readonly=True)
+        found: tuple[Account | None, float] | None = None
+        if max_staleness is not None and self._read_replica is not None:
+            try:
+                found = self._read_replica(
+                    lambda uow: (uow.accounts.get(account_id), uow.staleness_seconds()),
+                    readonly=True,
+                )
+            except errors.Unavailable:
+                found = None
+            if found is not None and found[1] > max_staleness:
+                found = None
+        if found is None:
+            found = (self._run(lambda uow: uow.accounts.get(account_id), readonly=True), 0.0)
+        account, staleness = found
         if account is None:
             raise errors.NotFound("account", str(account_id))
         if not _owns_or_admin(principal, account):
             raise _not_owner(principal, account)
-        return account
+        return account, staleness
 
     def list_accounts(
         self, principal: Principal, owner: str, after: Cursor | None, limit: int

@@ -80,6 +80,10 @@ class LedgerUnitOfWork(Protocol):
     @property
     def idempotency(self) -> IdempotencyStore: ...
 
+    def staleness_seconds(self) -> float:
+        """An upper bound on how far this connection's data lags the primary (0 on it)."""
+        ...
+
 
 class TransactionRunner(Protocol):
     def __call__(self, work: Callable[[LedgerUnitOfWork], T], *, readonly: bool = False) -> T: ...

@@ -238,13 +238,35 @@ class SqlIdempotency:
         )
 
 
+# On a standby: 0 when it has applied everything it received and heard from the
+# primary recently (bounded by the time since that message), else the age of the last
+# replayed transaction. On the primary: 0.
+STALENESS_SQL = sa.text(
+    """
+    SELECT CASE
+      WHEN NOT pg_is_in_recovery() THEN 0.0
+      WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN coalesce(
+        (SELECT extract(epoch FROM now() - last_msg_receipt_time) FROM pg_stat_wal_receiver),
+        1e9)
+      ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 1e9)
+    END
+    """
+)
+
+
 class SqlUnitOfWork:
     """The three repositories over one connection inside one transaction."""
 
     def __init__(self, conn: Connection) -> None:
+        self._conn = conn
         self.accounts = SqlAccounts(conn)
         self.transfers = SqlTransfers(conn)
         self.idempotency = SqlIdempotency(conn)
+
+    def staleness_seconds(self) -> float:
+        if self._conn.dialect.name != "postgresql":
+            return 0.0  # CockroachDB follower reads report their own bound
+        return max(0.0, float(self._conn.execute(STALENESS_SQL).scalar_one()))
 
 
 class SqlTransactionRunner:

@@ -97,10 +97,14 @@ class FakeIdempotency:
 
 
 class FakeUnitOfWork:
-    def __init__(self, state: LedgerState) -> None:
+    def __init__(self, state: LedgerState, staleness: float = 0.0) -> None:
         self.accounts = FakeAccounts(state)
         self.transfers = FakeTransfers(state)
         self.idempotency = FakeIdempotency(state)
+        self._staleness = staleness
+
+    def staleness_seconds(self) -> float:
+        return self._staleness
 
 
 class FakeRunner:

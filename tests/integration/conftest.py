@@ -72,6 +72,9 @@ def engine(database_url: str) -> Iterator[Engine]:
 def service_config(database_url: str) -> ServiceConfig:
     return ServiceConfig(
         database_url=database_url,
+        # The primary doubles as the "replica" here: bounded-staleness reads take the
+        # replica path and report a staleness of 0.
+        read_database_url=database_url,
         listen_address="127.0.0.1:0",
         token_issuer="meshbank-auth",
         token_audience="meshbank-api",
@@ -169,6 +172,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(database_url: str) -> Iterator[Stack]:
     built = app.build(service_config(database_url), {"auth", "account", "transfer"})
+    assert built.registrations
     admin = app.auth_admin(database_url)
     try:
         with (

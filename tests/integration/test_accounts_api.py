@@ -189,3 +189,38 @@ def test_partner_scopes_are_enforced(stack: Stack) -> None:
     assert err.metadata["required_scope"] == "accounts.write"
     listed = stack.accounts.ListAccounts(account_pb2.ListAccountsRequest(), metadata=reader.md)
     assert list(listed.accounts) == []
+
+
+def test_bounded_staleness_reads(stack: Stack) -> None:
+    from google.protobuf.duration_pb2 import Duration
+
+    alice = stack.user()
+    account_id = create(stack, alice).account.account_id
+    reply = stack.accounts.GetAccount(
+        account_pb2.GetAccountRequest(
+            account_id=account_id,
+            consistency=account_pb2.READ_CONSISTENCY_BOUNDED_STALENESS,
+            max_staleness=Duration(seconds=5),
+        ),
+        metadata=alice.md,
+    )
+    assert reply.account.account_id == account_id
+    assert reply.staleness.ToTimedelta().total_seconds() == 0  # read on a primary
+    err = failure(
+        lambda: stack.accounts.GetAccount(
+            account_pb2.GetAccountRequest(
+                account_id=account_id,
+                consistency=account_pb2.READ_CONSISTENCY_BOUNDED_STALENESS,
+                max_staleness=Duration(seconds=3600),
+            ),
+            metadata=alice.md,
+        )
+    )
+    assert set(err.field_violations) == {"max_staleness"}
+    err = failure(
+        lambda: stack.accounts.GetAccount(
+            account_pb2.GetAccountRequest(account_id=account_id, max_staleness=Duration(seconds=1)),
+            metadata=alice.md,
+        )
+    )
+    assert set(err.field_violations) == {"max_staleness"}

@@ -131,7 +131,7 @@ def test_only_the_owner_debits_but_anyone_may_credit(ledger: Ledger) -> None:
 
 def test_users_cannot_read_other_users_accounts(ledger: Ledger) -> None:
     alice = ledger.open(ALICE)
-    assert ledger.service.get_account(ALICE, alice).owner == "users/alice"
+    assert ledger.service.get_account(ALICE, alice)[0].owner == "users/alice"
     with pytest.raises(errors.PermissionDenied):
         ledger.service.get_account(BOB, alice)
     with pytest.raises(errors.PermissionDenied):
@@ -240,3 +240,33 @@ def test_random_transfer_sequences_conserve_money_and_never_overdraw(
             if e.account_id == account_id
         )
         assert entries == account.balance_minor
+
+
+class SlowReplica(FakeRunner):
+    """A replica that is ``lag`` seconds behind and has not seen recent accounts."""
+
+    def __init__(self, lag: float) -> None:
+        super().__init__()
+        self.lag = lag
+        self.reads = 0
+
+    def __call__(self, work, *, readonly=False):  # type: ignore[no-untyped-def]
+        from tests.fakes.ledger import FakeUnitOfWork
+
+        self.reads += 1
+        return work(FakeUnitOfWork(self.state, staleness=self.lag))
+
+
+def test_bounded_staleness_reads_use_a_fresh_enough_replica(ledger: Ledger) -> None:
+    alice = ledger.open(ALICE)
+    replica = SlowReplica(lag=0.4)
+    replica.state = ledger.runner.state
+    service = LedgerService(ledger.runner, read_replica=replica)
+    account, staleness = service.get_account(ALICE, alice, max_staleness=1.0)
+    assert (account.account_id, staleness, replica.reads) == (alice, 0.4, 1)
+    # Too stale for the caller: the primary answers, with staleness 0.
+    account, staleness = service.get_account(ALICE, alice, max_staleness=0.1)
+    assert (staleness, replica.reads) == (0.0, 2)
+    # Strong reads never touch the replica.
+    service.get_account(ALICE, alice)
+    assert replica.reads == 2

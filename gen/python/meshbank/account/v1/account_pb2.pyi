@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -43,6 +44,34 @@ ACCOUNT_STATE_OPEN: AccountState.ValueType  # 1
 ACCOUNT_STATE_CLOSED: AccountState.ValueType  # 2
 """The account is closed and its balance is zero."""
 Global___AccountState: _TypeAlias = AccountState  # noqa: Y015
+
+class _ReadConsistency:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReadConsistencyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReadConsistency.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    READ_CONSISTENCY_UNSPECIFIED: _ReadConsistency.ValueType  # 0
+    """Unset: the same as READ_CONSISTENCY_STRONG."""
+    READ_CONSISTENCY_STRONG: _ReadConsistency.ValueType  # 1
+    """Read from the primary: reflects every acknowledged write."""
+    READ_CONSISTENCY_BOUNDED_STALENESS: _ReadConsistency.ValueType  # 2
+    """Read from the caller's region's replica when it is at most `max_staleness` behind
+    (else from the primary): keeps working while the primary fails over.
+    """
+
+class ReadConsistency(_ReadConsistency, metaclass=_ReadConsistencyEnumTypeWrapper):
+    """ReadConsistency says how fresh a read must be."""
+
+READ_CONSISTENCY_UNSPECIFIED: ReadConsistency.ValueType  # 0
+"""Unset: the same as READ_CONSISTENCY_STRONG."""
+READ_CONSISTENCY_STRONG: ReadConsistency.ValueType  # 1
+"""Read from the primary: reflects every acknowledged write."""
+READ_CONSISTENCY_BOUNDED_STALENESS: ReadConsistency.ValueType  # 2
+"""Read from the caller's region's replica when it is at most `max_staleness` behind
+(else from the primary): keeps working while the primary fails over.
+"""
+Global___ReadConsistency: _TypeAlias = ReadConsistency  # noqa: Y015
 
 @_typing.final
 class Account(_message.Message):
@@ -171,16 +200,26 @@ class GetAccountRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account id."""
+    consistency: Global___ReadConsistency.ValueType
+    """How fresh the answer must be; unset means strong."""
+    @_builtins.property
+    def max_staleness(self) -> _duration_pb2.Duration:
+        """For bounded staleness: the most staleness accepted, up to 60 s; unset means 10 s."""
+
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
+        consistency: Global___ReadConsistency.ValueType = ...,
+        max_staleness: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_staleness", b"max_staleness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "consistency", b"consistency", "max_staleness", b"max_staleness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,18 +232,24 @@ class GetAccountResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCOUNT_FIELD_NUMBER: _builtins.int
+    STALENESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def account(self) -> Global___Account:
-        """The account with its current balance."""
+        """The account with its balance as of the read."""
+
+    @_builtins.property
+    def staleness(self) -> _duration_pb2.Duration:
+        """An upper bound on how stale the answer may be; zero for a strong read."""
 
     def __init__(
         self,
         *,
         account: Global___Account | None = ...,
+        staleness: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "staleness", b"staleness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "staleness", b"staleness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
