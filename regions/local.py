@@ -24,6 +24,7 @@ reverse order. Everything it knows is in the state folder:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -101,15 +102,11 @@ def load_secrets(state: Path) -> dict[str, str]:
     """The deployment's generated secrets, created on first use (file mode 0600)."""
     path = state / "secrets.json"
     data: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    missing = {
-        "database_password": lambda: secrets.token_urlsafe(24),
-        "replication_password": lambda: secrets.token_urlsafe(24),
-        "key_passphrase": lambda: secrets.token_urlsafe(32),
-    }
-    if not all(k in data for k in missing):
+    sizes = {"database_password": 24, "replication_password": 24, "key_passphrase": 32}
+    if not all(k in data for k in sizes):
         state.mkdir(parents=True, exist_ok=True)
-        for key, make in missing.items():
-            data.setdefault(key, make())
+        for key, size in sizes.items():
+            data.setdefault(key, secrets.token_urlsafe(size))
         save_secrets(state, data)
     return data
 
@@ -145,7 +142,7 @@ def primary_url(state: Path, topology: topo.Topology, timeout: float = 30.0) -> 
 
 def etcd_healthy(address: str, timeout: float = 0.5) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{address}/health", timeout=timeout) as reply:  # noqa: S310
+        with urllib.request.urlopen(f"http://{address}/health", timeout=timeout) as reply:
             return bool(json.loads(reply.read()).get("health") == "true")
     except (OSError, ValueError):
         return False
@@ -331,7 +328,7 @@ class Supervisor:
                     replication.etcd_argv(t, region, self.state / "etcd" / region),
                     dict(os.environ),
                     self.state / "logs" / f"{region}-etcd.log",
-                    lambda r=region: etcd_healthy(f"{t.host}:{t.etcd_client_port(r)}"),
+                    functools.partial(etcd_healthy, f"{t.host}:{t.etcd_client_port(region)}"),
                 )
             )
         for region in t.region_names:
@@ -345,9 +342,7 @@ class Supervisor:
                     argv,
                     {k: v for k, v in os.environ.items() if not k.startswith("MESHBANK_")},
                     self.state / "logs" / f"{region}-db.log",
-                    lambda r=region: (
-                        replication.patroni_get(t.patroni_port(r), "/health")[0] == 200
-                    ),
+                    functools.partial(replication.patroni_up, t.patroni_port(region)),
                 )
             )
         for i in t.instances():

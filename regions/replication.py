@@ -188,7 +188,7 @@ def patroni_get(
 ) -> tuple[int, Any]:
     """GET a Patroni REST endpoint; (status, JSON body) or (0, None) if unreachable."""
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as reply:  # noqa: S310
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as reply:
             return reply.status, json.loads(reply.read() or b"null")
     except urllib.error.HTTPError as err:
         try:
@@ -197,6 +197,11 @@ def patroni_get(
             return err.code, None
     except (OSError, ValueError):
         return 0, None
+
+
+def patroni_up(port: int) -> bool:
+    """Patroni answers and its PostgreSQL is running (``/health``)."""
+    return patroni_get(port, "/health")[0] == 200
 
 
 def cluster_state(topology: Topology) -> dict[str, Any] | None:

@@ -250,7 +250,7 @@ class SlowReplica(FakeRunner):
         self.lag = lag
         self.reads = 0
 
-    def __call__(self, work, *, readonly=False):  # type: ignore[no-untyped-def]
+    def __call__(self, work, *, readonly=False):  # type: ignore[no-untyped-def]  # noqa: ARG002
         from tests.fakes.ledger import FakeUnitOfWork
 
         self.reads += 1
