@@ -127,6 +127,23 @@ def cmd_region_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drill(args: argparse.Namespace) -> int:
+    from regions import drills
+
+    def progress(message: str) -> None:
+        print(f"drill: {message}", file=sys.stderr)
+
+    try:
+        result = drills.run(
+            args.name, local.state_dir(), local.load_topology(), hold=args.hold, log=progress
+        )
+    except drills.DrillError as exc:
+        print(f"meshbank drill: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict()) if args.json else drills.table(result))
+    return 0 if result.passed else 1
+
+
 def cmd_down(_args: argparse.Namespace) -> int:
     state = local.state_dir()
     if local.stop(state):
@@ -262,6 +279,12 @@ def parser() -> argparse.ArgumentParser:
     s = region.add_parser("restore", help="let the supervisor restart a killed region")
     s.add_argument("region")
     s.set_defaults(func=cmd_region_restore)
+
+    s = sub.add_parser("drill", help="run a failover drill against the running deployment")
+    s.add_argument("name", choices=["db-leader-kill", "region-kill", "leader-pause"])
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--hold", type=float, default=12.0, help="seconds the fault lasts")
+    s.set_defaults(func=cmd_drill)
 
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="sub", required=True)
     s = users.add_parser("create", help="create a user (password from stdin or a prompt)")

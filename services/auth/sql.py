@@ -269,6 +269,9 @@ class SqlTransactionRunner:
         )
 
 
+KEY_LOAD_POLICY = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.2)
+
+
 def load_public_keys(engine: Engine) -> dict[str, Ed25519PublicKey]:
     """Every non-retired public key by kid, for ``tokens.CachingKeySource``.
 
@@ -285,7 +288,9 @@ def load_public_keys(engine: Engine) -> dict[str, Ed25519PublicKey]:
         return [(row.kid, row.public_jwk) for row in rows]
 
     keys: dict[str, Ed25519PublicKey] = {}
-    for kid, jwk in run_transaction(engine, work, readonly=True):
+    # Few retries: a caller that already has keys keeps using them if this fails, and
+    # one that has none gets UNAVAILABLE quickly instead of waiting out a failover.
+    for kid, jwk in run_transaction(engine, work, readonly=True, policy=KEY_LOAD_POLICY):
         try:
             if not isinstance(jwk, dict) or jwk.get("kid") != kid:
                 raise ValueError("the JWK's kid does not match the row")

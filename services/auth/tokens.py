@@ -218,6 +218,13 @@ class CachingKeySource:
         now = self._clock()
         if loaded_at is not None and now - loaded_at < self._max_age and kid in keys:
             return keys[kid]
+        if kid in keys and not self._lock.acquire(blocking=False):
+            # Another thread is already refreshing a stale set: a known key stays good
+            # meanwhile. (Waiting would stall every call for as long as the database
+            # takes to answer, e.g. the seconds of a leader failover.)
+            return keys[kid]
+        if kid in keys:
+            self._lock.release()
         with self._lock:
             now = self._clock()
             fresh = self._loaded_at is not None and now - self._loaded_at < self._max_age

@@ -238,15 +238,20 @@ class SqlIdempotency:
         )
 
 
-# On a standby: 0 when it has applied everything it received and heard from the
-# primary recently (bounded by the time since that message), else the age of the last
-# replayed transaction. On the primary: 0.
+# How stale a standby's answer may be. On the primary: 0. On a standby that has
+# replayed everything it received: the time since it last heard from the primary (while
+# streaming), or, once the primary is gone (during a failover there is no WAL receiver),
+# the age of the last transaction it replayed. Otherwise the age of the last replayed
+# transaction. Under load these are tight; on an idle disconnected standby they
+# overestimate, which errs on the safe side (the read falls back to the primary).
 STALENESS_SQL = sa.text(
     """
     SELECT CASE
       WHEN NOT pg_is_in_recovery() THEN 0.0
       WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN coalesce(
-        (SELECT extract(epoch FROM now() - last_msg_receipt_time) FROM pg_stat_wal_receiver),
+        (SELECT extract(epoch FROM now() - last_msg_receipt_time) FROM pg_stat_wal_receiver
+          WHERE status = 'streaming'),
+        extract(epoch FROM now() - pg_last_xact_replay_timestamp()),
         1e9)
       ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 1e9)
     END

@@ -1,0 +1,320 @@
+"""Failover drills against the running local deployment (`meshbank drill NAME`).
+
+Each drill opens a few accounts of its own, runs a transfer + read workload through the
+global entry, injects one fault, lifts it, waits for replication to be whole again and
+then audits the ledger itself: every acknowledged transfer present exactly once, the
+drill's accounts holding the same total, every balance equal to its entries.
+
+Faults (all on the region that holds the database leader, the worst case):
+
+* ``db-leader-kill``  SIGKILL the leader's Patroni and PostgreSQL, keep them down a while.
+* ``region-kill``     SIGKILL every process of the leader's region (services, sidecars,
+                      edge, Patroni + PostgreSQL, etcd), keep them down a while.
+* ``leader-pause``    SIGSTOP the leader's Patroni and PostgreSQL processes (longer than
+                      the leader key's ttl), then SIGCONT: the old leader must not
+                      accept a write after a new one was elected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+
+from meshbank.account.v1 import account_pb2, account_pb2_grpc
+from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
+from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+from regions import local, replication
+from regions.topology import Topology
+from regions.workload import Workload, longest_gap, outage_after
+
+DRILLS = ("db-leader-kill", "region-kill", "leader-pause")
+ACCOUNTS = 4
+OPENING_BALANCE = 1_000_000
+
+
+class DrillError(RuntimeError):
+    """The drill could not run (no deployment, no leader, ...)."""
+
+
+@dataclass
+class DrillResult:
+    drill: str
+    write_outage_s: float
+    read_outage_s: float
+    acked: int
+    lost: int
+    duplicated: int
+    conserved: bool
+    replication_restored: bool
+    failed: int = 0
+    reads_ok: int = 0
+    reads_failed: int = 0
+    leader_before: str | None = None
+    leader_after: str | None = None
+    fault_at_s: float = 0.0
+    fault_lifted_at_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.lost == 0 and self.duplicated == 0 and self.conserved and self.replication_restored
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("write_outage_s", "read_outage_s", "fault_at_s", "fault_lifted_at_s"):
+            data[key] = round(data[key], 3) if data[key] != float("inf") else None
+        return data
+
+
+def _partner_token(channel: grpc.Channel, secret: dict[str, str]) -> str:
+    reply = auth_pb2_grpc.AuthServiceStub(channel).IssueClientToken(
+        auth_pb2.IssueClientTokenRequest(
+            client_id=secret["demo_client_id"], client_secret=secret["demo_client_secret"]
+        ),
+        timeout=10,
+    )
+    return str(reply.access_token)
+
+
+def _open_accounts(channel: grpc.Channel, token: str, treasury: str, tag: str) -> list[str]:
+    md = (("authorization", f"Bearer {token}"),)
+    accounts = account_pb2_grpc.AccountServiceStub(channel)
+    transfers = transfer_pb2_grpc.TransferServiceStub(channel)
+    opened = []
+    for n in range(ACCOUNTS):
+        reply = accounts.CreateAccount(
+            account_pb2.CreateAccountRequest(
+                request_id=f"{tag}-open-{n}", display_name=f"{tag} {n}", currency_code="USD"
+            ),
+            metadata=md,
+            timeout=20,
+        )
+        opened.append(reply.account.account_id)
+        transfers.CreateTransfer(
+            transfer_pb2.CreateTransferRequest(
+                request_id=f"{tag}-fund-{n}",
+                source_account_id=treasury,
+                destination_account_id=reply.account.account_id,
+                amount_minor=OPENING_BALANCE,
+                currency_code="USD",
+            ),
+            metadata=md,
+            timeout=20,
+        )
+    return opened
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (PostgreSQL's backends, walsenders, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _patroni_pid(state: Path, region: str) -> int | None:
+    status = local.read_status(state) or {"processes": []}
+    for proc in status["processes"]:
+        if proc["region"] == region and proc["role"] == "db" and proc.get("pid"):
+            return int(proc["pid"])
+    return None
+
+
+class Fault:
+    """Inject with ``start()``; lift with ``stop()``."""
+
+    def __init__(self, name: str, state: Path, region: str) -> None:
+        self.name = name
+        self.state = state
+        self.region = region
+        self._paused: list[int] = []
+
+    def start(self) -> None:
+        if self.name == "db-leader-kill":
+            local.kill_region(self.state, self.region, ["db"])
+        elif self.name == "region-kill":
+            local.kill_region(self.state, self.region, list(local.ROLES[:-1]))
+        elif self.name == "leader-pause":
+            pids = []
+            patroni = _patroni_pid(self.state, self.region)
+            if patroni is not None:
+                pids += _process_tree(patroni)
+            postmaster = replication.postmaster_pid(self.state / "db" / self.region)
+            if postmaster is not None:
+                pids += _process_tree(postmaster)
+            self._paused = sorted(set(pids))
+            if not self._paused:
+                raise DrillError(f"no Patroni/PostgreSQL processes found in {self.region}")
+            for pid in self._paused:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+        else:
+            raise DrillError(f"unknown drill {self.name!r}; known: {', '.join(DRILLS)}")
+
+    def stop(self) -> None:
+        if self.name == "leader-pause":
+            for pid in self._paused:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        else:
+            local.restore_region(self.state, self.region)
+
+
+def _audit(url: str, accounts: list[str], workload: Workload) -> tuple[int, int, bool, list[str]]:
+    """(lost, duplicated, conserved, notes) from the ledger itself."""
+    notes = []
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            ids = [w.request_id for w in workload.writes]
+            counts = {
+                str(r[0]): int(r[1])
+                for r in conn.execute(
+                    sa.text(
+                        "SELECT request_id, count(*) FROM transfers "
+                        "WHERE request_id = ANY(:ids) GROUP BY request_id"
+                    ),
+                    {"ids": ids},
+                ).all()
+            }
+            balances = {
+                str(r[0]): (int(r[1]), int(r[2]))
+                for r in conn.execute(
+                    sa.text(
+                        "SELECT a.account_id, a.balance_minor, "
+                        "coalesce((SELECT sum(e.amount_minor) FROM ledger_entries e "
+                        "          WHERE e.account_id = a.account_id), 0) "
+                        "FROM accounts a WHERE a.account_id = ANY(CAST(:ids AS uuid[]))"
+                    ),
+                    {"ids": accounts},
+                ).all()
+            }
+    finally:
+        engine.dispose()
+    acked = [w for w in workload.writes if w.ok]
+    lost = sum(1 for w in acked if counts.get(w.request_id, 0) == 0)
+    duplicated = sum(1 for n in counts.values() if n > 1)
+    applied_unacked = sum(1 for w in workload.writes if not w.ok and counts.get(w.request_id))
+    if applied_unacked:
+        notes.append(f"{applied_unacked} transfer(s) applied although the client saw a failure")
+    total = sum(b for b, _ in balances.values())
+    matches = all(b == e for b, e in balances.values())
+    conserved = total == ACCOUNTS * OPENING_BALANCE and matches and len(balances) == ACCOUNTS
+    if not matches:
+        notes.append("a stored balance differs from the sum of its entries")
+    return lost, duplicated, conserved, notes
+
+
+def run(
+    name: str,
+    state: Path,
+    topology: Topology,
+    *,
+    warmup: float = 3.0,
+    hold: float = 12.0,
+    settle: float = 5.0,
+    restore_timeout: float = 120.0,
+    log: Callable[[str], None] = lambda _m: None,
+) -> DrillResult:
+    if name not in DRILLS:
+        raise DrillError(f"unknown drill {name!r}; known: {', '.join(DRILLS)}")
+    status = local.read_status(state)
+    if not status or status.get("phase") != "running":
+        raise DrillError("meshbank is not running: start it with `meshbank up --detach`")
+    leader = replication.leader(topology)
+    if leader is None:
+        raise DrillError("the database has no leader right now")
+    secret = local.load_secrets(state)
+    address = status["endpoints"]["global_grpc"]
+    tag = f"drill-{name}-{uuid.uuid4().hex[:8]}"
+    with grpc.insecure_channel(address) as channel:
+        token = _partner_token(channel, secret)
+        accounts = _open_accounts(channel, token, secret["demo_treasury"], tag)
+    log(f"{tag}: {ACCOUNTS} accounts opened; leader is {leader}")
+
+    workload = Workload(address, token, accounts)
+    fault = Fault(name, state, leader)
+    t0 = time.monotonic()
+    workload.start()
+    time.sleep(warmup)
+    fault_at = time.monotonic()
+    log(f"injecting {name} on {leader}")
+    try:
+        fault.start()
+        time.sleep(hold)
+    finally:
+        lifted_at = time.monotonic()
+        fault.stop()
+    log("fault lifted; waiting for the region and replication to recover")
+    deadline = time.monotonic() + restore_timeout
+    while time.monotonic() < deadline and not _all_healthy(state):
+        time.sleep(0.5)
+    time.sleep(settle)
+    workload.stop()
+    end = time.monotonic()
+
+    restored = False
+    while time.monotonic() < deadline:
+        if replication.replication_healthy(topology):
+            restored = True
+            break
+        time.sleep(0.5)
+    lost, duplicated, conserved, notes = _audit(
+        local.primary_url(state, topology), accounts, workload
+    )
+    writes = [(w.started, w.finished, w.ok) for w in workload.writes]
+    reads = [(r.started, r.finished, r.code == grpc.StatusCode.OK) for r in workload.reads]
+    return DrillResult(
+        drill=name,
+        write_outage_s=outage_after(fault_at, writes),
+        read_outage_s=longest_gap(fault_at, end, reads),
+        acked=sum(1 for w in workload.writes if w.ok),
+        lost=lost,
+        duplicated=duplicated,
+        conserved=conserved,
+        replication_restored=restored,
+        failed=sum(1 for w in workload.writes if not w.ok),
+        reads_ok=sum(1 for r in workload.reads if r.code == grpc.StatusCode.OK),
+        reads_failed=sum(1 for r in workload.reads if r.code != grpc.StatusCode.OK),
+        leader_before=leader,
+        leader_after=replication.leader(topology),
+        fault_at_s=fault_at - t0,
+        fault_lifted_at_s=lifted_at - t0,
+        notes=notes,
+    )
+
+
+def _all_healthy(state: Path) -> bool:
+    status = local.read_status(state)
+    return bool(status) and all(p["healthy"] for p in status["processes"])  # type: ignore[index]
+
+
+def table(result: DrillResult) -> str:
+    data = result.as_dict()
+    width = max(len(k) for k in data)
+    lines = [f"{k:<{width}}  {v}" for k, v in data.items()]
+    lines.append(f"{'verdict':<{width}}  {'PASS' if result.passed else 'FAIL'}")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""A bounded client workload against the global entry: transfers and reads, every outcome kept.
+
+Used by the failover drills (and the bank check). Writers move random amounts between
+a fixed set of accounts, each transfer with its own request_id; a write that fails
+with a retryable status is re-sent with the same request_id until ``retry_window``
+runs out, as a careful client would. Readers read balances with bounded staleness
+from the nearest replica. Nothing here asserts anything: the caller checks the ledger.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from meshbank.account.v1 import account_pb2, account_pb2_grpc
+from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Write:
+    request_id: str
+    source: str
+    destination: str
+    amount: int
+    started: float
+    finished: float
+    code: grpc.StatusCode
+    attempts: int
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+
+@dataclass(frozen=True)
+class Read:
+    started: float
+    finished: float
+    code: grpc.StatusCode
+    served_by: str
+
+
+@dataclass
+class Workload:
+    address: str
+    token: str
+    accounts: list[str]
+    writers: int = 3
+    readers: int = 2
+    retry_window: float = 30.0
+    pause: float = 0.02
+    writes: list[Write] = field(default_factory=list)
+    reads: list[Read] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        for n in range(self.writers):
+            self._spawn(self._write_loop, n)
+        for n in range(self.readers):
+            self._spawn(self._read_loop, n)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.retry_window + 30)
+
+    def _spawn(self, target: object, n: int) -> None:
+        thread = threading.Thread(target=target, args=(n,), daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self._threads.append(thread)
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+    def _write_loop(self, n: int) -> None:
+        rng = random.Random(n)  # noqa: S311 - load shape, not security
+        with grpc.insecure_channel(self.address) as channel:
+            stub = transfer_pb2_grpc.TransferServiceStub(channel)
+            while not self._stop.is_set():
+                source, destination = rng.sample(self.accounts, 2)
+                self._transfer(stub, source, destination, rng.randint(1, 100))
+                time.sleep(self.pause)
+
+    def _transfer(
+        self,
+        stub: transfer_pb2_grpc.TransferServiceStub,
+        source: str,
+        destination: str,
+        amount: int,
+    ) -> None:
+        request = transfer_pb2.CreateTransferRequest(
+            request_id=f"wl-{uuid.uuid4()}",
+            source_account_id=source,
+            destination_account_id=destination,
+            amount_minor=amount,
+            currency_code="USD",
+        )
+        started = time.monotonic()
+        attempts = 0
+        delay = 0.05
+        while True:
+            attempts += 1
+            try:
+                stub.CreateTransfer(request, metadata=self._metadata, timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+            retry = code in RETRYABLE and time.monotonic() - started < self.retry_window
+            if not retry:
+                break
+            time.sleep(delay)
+            delay = min(0.5, delay * 2)
+        write = Write(
+            request.request_id,
+            source,
+            destination,
+            amount,
+            started,
+            time.monotonic(),
+            code,
+            attempts,
+        )
+        with self._lock:
+            self.writes.append(write)
+
+    def _read_loop(self, n: int) -> None:
+        rng = random.Random(1000 + n)  # noqa: S311
+        with grpc.insecure_channel(self.address) as channel:
+            stub = account_pb2_grpc.AccountServiceStub(channel)
+            while not self._stop.is_set():
+                started = time.monotonic()
+                served_by = ""
+                try:
+                    _, call = stub.GetAccount.with_call(
+                        account_pb2.GetAccountRequest(
+                            account_id=rng.choice(self.accounts),
+                            consistency=account_pb2.READ_CONSISTENCY_BOUNDED_STALENESS,
+                        ),
+                        metadata=self._metadata,
+                        timeout=5,
+                    )
+                    code = grpc.StatusCode.OK
+                    served_by = str(dict(call.initial_metadata()).get("x-meshbank-served-by", ""))
+                except grpc.RpcError as err:
+                    code = err.code()
+                with self._lock:
+                    self.reads.append(Read(started, time.monotonic(), code, served_by))
+                time.sleep(self.pause)
+
+
+def outage_after(fault_at: float, events: list[tuple[float, float, bool]]) -> float:
+    """Seconds from the fault to the first success of an operation started after it."""
+    after = [finished for started, finished, ok in events if ok and started >= fault_at]
+    return max(0.0, min(after) - fault_at) if after else float("inf")
+
+
+def longest_gap(start: float, end: float, events: list[tuple[float, float, bool]]) -> float:
+    """The longest time in [start, end] without a successful completion."""
+    times = sorted(finished for _, finished, ok in events if ok and start <= finished <= end)
+    points = [start, *times, end]
+    return max(b - a for a, b in itertools.pairwise(points)) if len(points) > 1 else 0.0
