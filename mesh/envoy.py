@@ -370,29 +370,32 @@ def _database_listener(name: str, host: str, port: int) -> Config:
     }
 
 
-def _database_cluster(name: str, topology: Topology, region: str, check_path: str) -> Config:
-    """PostgreSQL members as a TCP cluster, health-checked on their Patroni REST API.
+def _database_cluster(name: str, topology: Topology, region: str, primary: bool) -> Config:
+    """PostgreSQL members as a TCP cluster.
 
-    Patroni answers ``/primary`` 200 only on the leader and ``/read-only`` on any running
-    member, so the primary cluster follows failovers by itself; connections to a host
-    that stops being healthy are closed, and the services' retry helper reconnects.
+    The primary cluster is health-checked on Patroni's REST API, which answers
+    ``/primary`` 200 only on the leader, so it follows failovers by itself; connections
+    to a host that stops being healthy are closed and the services' retry helper
+    reconnects. The replica cluster (reads that accept staleness) only needs a member
+    that accepts connections, nearest first: the service measures the staleness in the
+    database itself. (Patroni's own ``/read-only`` stops answering in time while its
+    loop waits on a lost etcd member, which emptied this cluster during failovers.)
     """
     localities = []
     for priority, other in enumerate(topology.region(region).preference):
+        endpoint: Config = {"address": _address(topology.host, topology.database_port(other))}
+        if primary:
+            endpoint["health_check_config"] = {"port_value": topology.patroni_port(other)}
         localities.append(
             {
                 "locality": {"region": other},
-                "priority": priority if check_path != "/primary" else 0,
-                "lb_endpoints": [
-                    {
-                        "endpoint": {
-                            "address": _address(topology.host, topology.database_port(other)),
-                            "health_check_config": {"port_value": topology.patroni_port(other)},
-                        }
-                    }
-                ],
+                "priority": 0 if primary else priority,
+                "lb_endpoints": [{"endpoint": endpoint}],
             }
         )
+    check: Config = (
+        {"http_health_check": {"path": "/primary"}} if primary else {"tcp_health_check": {}}
+    )
     return {
         "name": name,
         "type": "STATIC",
@@ -400,12 +403,12 @@ def _database_cluster(name: str, topology: Topology, region: str, check_path: st
         "load_assignment": {"cluster_name": name, "endpoints": localities},
         "health_checks": [
             {
-                "timeout": "0.5s",
+                "timeout": "1s",
                 "interval": "0.5s",
                 "no_traffic_interval": "0.5s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
-                "http_health_check": {"path": check_path},
+                **check,
             }
         ],
         "outlier_detection": _outlier_detection(),
@@ -485,10 +488,10 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
                     ],
                 },
             },
-            _database_cluster("database_primary", topology, instance.region, "/primary"),
+            _database_cluster("database_primary", topology, instance.region, primary=True),
             # Reads that accept staleness: the region's own member first (replica or
             # primary), then the others in failover order.
-            _database_cluster("database_replica", topology, instance.region, "/read-only"),
+            _database_cluster("database_replica", topology, instance.region, primary=False),
         ],
     }
     return config

@@ -63,6 +63,7 @@ class DrillResult:
     leader_after: str | None = None
     fault_at_s: float = 0.0
     fault_lifted_at_s: float = 0.0
+    clients_in: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -248,7 +249,9 @@ def run(
     if leader is None:
         raise DrillError("the database has no leader right now")
     secret = local.load_secrets(state)
-    address = status["endpoints"]["global_grpc"]
+    # Clients sit in the leader's region: the worst case, their edge and their
+    # region's services and database member all go down together in region-kill.
+    address = status["endpoints"]["global"][leader]
     tag = f"drill-{name}-{uuid.uuid4().hex[:8]}"
     with grpc.insecure_channel(address) as channel:
         token = _partner_token(channel, secret)
@@ -285,6 +288,12 @@ def run(
     lost, duplicated, conserved, notes = _audit(
         local.primary_url(state, topology), accounts, workload
     )
+    failed_reads: dict[str, int] = {}
+    for r in workload.reads:
+        if r.code != grpc.StatusCode.OK:
+            failed_reads[r.code.name] = failed_reads.get(r.code.name, 0) + 1
+    if failed_reads:
+        notes.append(f"failed reads by status: {failed_reads}")
     writes = [(w.started, w.finished, w.ok) for w in workload.writes]
     reads = [(r.started, r.finished, r.code == grpc.StatusCode.OK) for r in workload.reads]
     return DrillResult(
@@ -300,6 +309,7 @@ def run(
         reads_ok=sum(1 for r in workload.reads if r.code == grpc.StatusCode.OK),
         reads_failed=sum(1 for r in workload.reads if r.code != grpc.StatusCode.OK),
         leader_before=leader,
+        clients_in=leader,
         leader_after=replication.leader(topology),
         fault_at_s=fault_at - t0,
         fault_lifted_at_s=lifted_at - t0,

@@ -200,8 +200,8 @@ def patroni_get(
 
 
 def patroni_up(port: int) -> bool:
-    """Patroni answers and its PostgreSQL is running (``/health``)."""
-    return patroni_get(port, "/health")[0] == 200
+    """Patroni answers and its PostgreSQL is running (``/health``); a busy machine gets 2 s."""
+    return patroni_get(port, "/health", timeout=2.0)[0] == 200
 
 
 def cluster_state(topology: Topology) -> dict[str, Any] | None:
