@@ -376,16 +376,19 @@ def _database_cluster(name: str, topology: Topology, region: str, primary: bool)
     The primary cluster is health-checked on Patroni's REST API, which answers
     ``/primary`` 200 only on the leader, so it follows failovers by itself; connections
     to a host that stops being healthy are closed and the services' retry helper
-    reconnects. The replica cluster (reads that accept staleness) only needs a member
-    that accepts connections, nearest first: the service measures the staleness in the
-    database itself. (Patroni's own ``/read-only`` stops answering in time while its
-    loop waits on a lost etcd member, which emptied this cluster during failovers.)
+    reconnects. The replica cluster (reads that accept staleness) only needs a live
+    member, nearest first: the service measures the staleness in the database itself.
+    It is checked on Patroni's ``/liveness``, which answers at once unless the member is
+    dead or paused; ``/read-only`` stopped answering in time while Patroni's loop waited
+    on a lost etcd member (emptying the cluster during failovers), and a plain TCP check
+    passes for a SIGSTOPped PostgreSQL, whose kernel still accepts connections.
     """
     localities = []
     for priority, other in enumerate(topology.region(region).preference):
-        endpoint: Config = {"address": _address(topology.host, topology.database_port(other))}
-        if primary:
-            endpoint["health_check_config"] = {"port_value": topology.patroni_port(other)}
+        endpoint: Config = {
+            "address": _address(topology.host, topology.database_port(other)),
+            "health_check_config": {"port_value": topology.patroni_port(other)},
+        }
         localities.append(
             {
                 "locality": {"region": other},
@@ -393,9 +396,7 @@ def _database_cluster(name: str, topology: Topology, region: str, primary: bool)
                 "lb_endpoints": [{"endpoint": endpoint}],
             }
         )
-    check: Config = (
-        {"http_health_check": {"path": "/primary"}} if primary else {"tcp_health_check": {}}
-    )
+    check: Config = {"http_health_check": {"path": "/primary" if primary else "/liveness"}}
     return {
         "name": name,
         "type": "STATIC",

@@ -294,6 +294,12 @@ def run(
             failed_reads[r.code.name] = failed_reads.get(r.code.name, 0) + 1
     if failed_reads:
         notes.append(f"failed reads by status: {failed_reads}")
+    failed_writes: dict[str, int] = {}
+    for w in workload.writes:
+        if not w.ok:
+            failed_writes[w.code.name] = failed_writes.get(w.code.name, 0) + 1
+    if failed_writes:
+        notes.append(f"failed writes (after retries) by status: {failed_writes}")
     writes = [(w.started, w.finished, w.ok) for w in workload.writes]
     reads = [(r.started, r.finished, r.code == grpc.StatusCode.OK) for r in workload.reads]
     return DrillResult(
