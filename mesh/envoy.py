@@ -45,10 +45,12 @@ UNSAFE_RETRY_ON = "connect-failure,refused-stream"
 
 @dataclass(frozen=True)
 class Paths:
-    """Where the generated configs point at files: certificates and the descriptor set."""
+    """Where the generated configs point at files, and which database sits underneath."""
 
     pki_dir: Path
     descriptor: Path
+    # "postgres" (Patroni health endpoints) or "cockroachdb" (every node serves SQL).
+    database: str = "postgres"
 
     def cert(self, stem: str) -> str:
         return str(self.pki_dir / f"{stem}.crt")
@@ -370,7 +372,9 @@ def _database_listener(name: str, host: str, port: int) -> Config:
     }
 
 
-def _database_cluster(name: str, topology: Topology, region: str, primary: bool) -> Config:
+def _database_cluster(
+    name: str, topology: Topology, region: str, primary: bool, engine: str = "postgres"
+) -> Config:
     """PostgreSQL members as a TCP cluster.
 
     The primary cluster is health-checked on Patroni's REST API, which answers
@@ -383,7 +387,7 @@ def _database_cluster(name: str, topology: Topology, region: str, primary: bool)
     on a lost etcd member (emptying the cluster during failovers), and a plain TCP check
     passes for a SIGSTOPped PostgreSQL, whose kernel still accepts connections.
     """
-    localities = []
+    localities: list[Config] = []
     for priority, other in enumerate(topology.region(region).preference):
         endpoint: Config = {
             "address": _address(topology.host, topology.database_port(other)),
@@ -396,7 +400,14 @@ def _database_cluster(name: str, topology: Topology, region: str, primary: bool)
                 "lb_endpoints": [{"endpoint": endpoint}],
             }
         )
-    check: Config = {"http_health_check": {"path": "/primary" if primary else "/liveness"}}
+    path = "/primary" if primary else "/liveness"
+    if engine == "cockroachdb":
+        # Any ready node takes reads and writes (CockroachDB routes to leaseholders);
+        # the nearest ready one is best for both.
+        path = "/health?ready=1"
+        for priority, locality in enumerate(localities):
+            locality["priority"] = priority
+    check: Config = {"http_health_check": {"path": path}}
     return {
         "name": name,
         "type": "STATIC",
@@ -489,10 +500,10 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
                     ],
                 },
             },
-            _database_cluster("database_primary", topology, instance.region, primary=True),
+            _database_cluster("database_primary", topology, instance.region, True, paths.database),
             # Reads that accept staleness: the region's own member first (replica or
             # primary), then the others in failover order.
-            _database_cluster("database_replica", topology, instance.region, primary=False),
+            _database_cluster("database_replica", topology, instance.region, False, paths.database),
         ],
     }
     return config

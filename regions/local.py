@@ -46,7 +46,7 @@ import grpc
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from regions import migrate, replication
+from regions import cockroach, migrate, replication
 from regions import topology as topo
 
 log = logging.getLogger(__name__)
@@ -159,12 +159,16 @@ def grpc_healthy(channel: grpc.Channel, timeout: float = 0.5) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def envoy_ready(admin: str, timeout: float = 0.5) -> bool:
+def http_ok(url: str, timeout: float = 0.5) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{admin}/ready", timeout=timeout) as reply:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - loopback
             return bool(reply.status == 200)
     except OSError:
         return False
+
+
+def envoy_ready(admin: str, timeout: float = 0.5) -> bool:
+    return http_ok(f"http://{admin}/ready", timeout)
 
 
 def pid_alive(pid: int) -> bool:
@@ -272,8 +276,11 @@ class Supervisor:
         for sub in ("logs", "mesh", "db", "etcd"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         (state / "db").chmod(0o755)
+        # CockroachDB where a binary exists (production's database), else PostgreSQL
+        # replicated by Patroni across the regions.
+        self.engine = "cockroachdb" if cockroach.binary() else "postgres"
         self._ca = LocalCA(state / "pki")
-        self._paths = envoy_config.Paths(state / "pki", descriptor_path())
+        self._paths = envoy_config.Paths(state / "pki", descriptor_path(), self.engine)
         self._channels: dict[str, grpc.Channel] = {}
         self.children = self._plan()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="health")
@@ -317,22 +324,30 @@ class Supervisor:
             lambda: envoy_ready(f"{self.topology.host}:{admin}"),
         )
 
-    def _plan(self) -> list[Child]:
+    def database_url(self, port: int, database: str = "meshbank") -> str:
+        """A URL for the database behind ``port`` (a member or a sidecar's outbound)."""
+        if self.engine == "cockroachdb":
+            host = self.topology.host
+            return f"cockroachdb+psycopg://root@{host}:{port}/{database}?sslmode=disable"
+        url = database_url(self.topology, port, self.secrets)
+        return url.rsplit("/", 1)[0] + f"/{database}"
+
+    def _postgres_members(self) -> list[Child]:
+        """Per region an etcd member and a Patroni member running PostgreSQL."""
         t = self.topology
-        children: list[Child] = []
-        for region in t.region_names:
-            children.append(
-                Child(
-                    region,
-                    "etcd",
-                    "etcd",
-                    f"{region}-etcd",
-                    replication.etcd_argv(t, region, self.state / "etcd" / region),
-                    dict(os.environ),
-                    self.state / "logs" / f"{region}-etcd.log",
-                    functools.partial(etcd_healthy, f"{t.host}:{t.etcd_client_port(region)}"),
-                )
+        children = [
+            Child(
+                region,
+                "etcd",
+                "etcd",
+                f"{region}-etcd",
+                replication.etcd_argv(t, region, self.state / "etcd" / region),
+                dict(os.environ),
+                self.state / "logs" / f"{region}-etcd.log",
+                functools.partial(etcd_healthy, f"{t.host}:{t.etcd_client_port(region)}"),
             )
+            for region in t.region_names
+        ]
         for region in t.region_names:
             argv, _ = replication.prepare_member(t, region, self.state / "db", self.secrets)
             children.append(
@@ -347,13 +362,42 @@ class Supervisor:
                     functools.partial(replication.patroni_up, t.patroni_port(region)),
                 )
             )
+        return children
+
+    def _cockroach_nodes(self) -> list[Child]:
+        """Per region one CockroachDB node with its topology locality."""
+        t = self.topology
+        paths = cockroach.Paths(self.state / "db")
+        return [
+            Child(
+                region,
+                "db",
+                "cockroach",
+                f"{region}-db",
+                cockroach.node_argv(t, region, paths),
+                dict(os.environ),
+                self.state / "logs" / f"{region}-db.log",
+                functools.partial(
+                    http_ok, f"http://{t.host}:{t.patroni_port(region)}/health?ready=1"
+                ),
+            )
+            for region in t.region_names
+        ]
+
+    def _plan(self) -> list[Child]:
+        t = self.topology
+        children: list[Child] = []
+        if self.engine == "cockroachdb":
+            children += self._cockroach_nodes()
+        else:
+            children += self._postgres_members()
         for i in t.instances():
             env = dict(os.environ)
             env.update(
-                # Through the sidecar: writes to whichever member Patroni says is the
-                # primary, reads that accept staleness from the region's own member.
-                MESHBANK_DATABASE_URL=database_url(t, i.db_primary_port, self.secrets),
-                MESHBANK_DATABASE_READ_URL=database_url(t, i.db_replica_port, self.secrets),
+                # Through the sidecar: writes to whichever member is the primary, reads
+                # that accept staleness from the region's own member.
+                MESHBANK_DATABASE_URL=self.database_url(i.db_primary_port),
+                MESHBANK_DATABASE_READ_URL=self.database_url(i.db_replica_port),
                 MESHBANK_LISTEN_ADDRESS=f"{t.host}:{i.service_port}",
                 MESHBANK_INSTANCE_ID=i.name,
                 MESHBANK_REGION=i.region,
@@ -463,7 +507,12 @@ class Supervisor:
             child.healthy = healthy
 
     def _prepare_database(self, timeout: float = 180.0) -> None:
-        """Wait for a leader, create the database on it and apply the migrations."""
+        """Wait for the database, create ``meshbank`` on it and apply the migrations."""
+        if self.engine == "cockroachdb":
+            cluster = cockroach.LocalCluster(self.topology, self.state / "db")
+            cluster.initialise(timeout)
+            migrate.upgrade(cluster.url())
+            return
         deadline = time.monotonic() + timeout
         while (region := replication.leader(self.topology)) is None:
             if self._stop.is_set() or time.monotonic() > deadline:
@@ -472,8 +521,8 @@ class Supervisor:
                 if child.role in ("etcd", "db"):
                     child.poll(held=False)
             time.sleep(0.5)
-        url = database_url(self.topology, self.topology.database_port(region), self.secrets)
-        admin = sa.create_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+        port = self.topology.database_port(region)
+        admin = sa.create_engine(self.database_url(port, "postgres"), isolation_level="AUTOCOMMIT")
         try:
             with admin.connect() as conn:
                 exists = conn.execute(
@@ -483,7 +532,7 @@ class Supervisor:
                     conn.execute(sa.text("CREATE DATABASE meshbank"))
         finally:
             admin.dispose()
-        migrate.upgrade(url)
+        migrate.upgrade(self.database_url(port))
 
     def shutdown(self) -> None:
         """Entry first, then edges, sidecars and services, then the database, then etcd."""

@@ -29,6 +29,23 @@ def upgrade(url: str, revision: str = "head") -> None:
         engine.dispose()
 
 
+def offline_sql(dialect_name: str, database_name: str = "meshbank") -> str:
+    """The SQL every migration would run on ``dialect_name`` (``postgresql`` or
+    ``cockroachdb``), without a database: how the CockroachDB DDL is checked here."""
+    import io
+
+    if dialect_name == "cockroachdb":
+        import sqlalchemy_cockroachdb  # noqa: F401 - registers the dialect
+
+    buffer = io.StringIO()
+    config = alembic_config()
+    config.output_buffer = buffer
+    config.attributes["dialect_name"] = dialect_name
+    config.attributes["database_name"] = database_name
+    command.upgrade(config, "head", sql=True)
+    return buffer.getvalue()
+
+
 def current(url: str) -> str | None:
     engine = sa.create_engine(url)
     try:

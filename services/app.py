@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+from regions.topology import load as load_topology
 from services.account.servicer import AccountServicer
 from services.auth import sql as auth_sql
 from services.auth.handlers import AuthService
@@ -64,6 +65,8 @@ def build_with_engine(
         read_replica=SqlTransactionRunner(read_engine, policy=REPLICA_POLICY)
         if read_engine is not None
         else None,
+        # Accounts opened here live in this region; unset, the topology's default.
+        region=config.region or load_topology().default_location,
     )
     registrations: list[Registration] = []
     if "auth" in wanted:

@@ -1,4 +1,5 @@
-"""Alembic environment: migrations run online against the URL given by ``regions.migrate``."""
+"""Alembic environment: online against the connection given by ``regions.migrate``, or
+offline (``--sql``) for a dialect name, to show the DDL a database would get."""
 
 from __future__ import annotations
 
@@ -7,7 +8,20 @@ from alembic import context
 from services.common.schema import metadata
 
 config = context.config
-connectable = config.attributes["connection"]
-context.configure(connection=connectable, target_metadata=metadata, transaction_per_migration=True)
-with context.begin_transaction():
-    context.run_migrations()
+if context.is_offline_mode():
+    context.configure(
+        dialect_name=config.attributes.get("dialect_name", "postgresql"),
+        target_metadata=metadata,
+        literal_binds=True,
+        transaction_per_migration=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    context.configure(
+        connection=config.attributes["connection"],
+        target_metadata=metadata,
+        transaction_per_migration=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()

@@ -37,6 +37,7 @@ def to_proto(account: Account) -> account_pb2.Account:
         overdraft_limit_minor=account.overdraft_limit_minor,
         state=_STATES[account.state],
         create_time=created,
+        home_region=account.home_region,
     )
     if account.closed_at is not None:
         message.close_time.FromDatetime(account.closed_at)

@@ -27,6 +27,7 @@ class ServiceConfig:
     grpc_workers: int
     shutdown_grace_seconds: float
     instance_id: str
+    region: str = ""
 
 
 def _int(
@@ -93,6 +94,7 @@ def load(
         grpc_workers=_int(env, "MESHBANK_GRPC_WORKERS", 16, problems, 1, 256),
         shutdown_grace_seconds=_int(env, "MESHBANK_SHUTDOWN_GRACE_SECONDS", 10, problems, 0, 300),
         instance_id=env.get("MESHBANK_INSTANCE_ID", f"{os.uname().nodename}-{os.getpid()}"),
+        region=env.get("MESHBANK_REGION", ""),
     )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

@@ -92,6 +92,8 @@ accounts = sa.Table(
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("closed_at", sa.DateTime(timezone=True)),
+    # The owner's region when the account was opened (CockroachDB: REGIONAL BY ROW).
+    sa.Column("home_region", sa.Text, nullable=False),
     # The last line of defence against overdrafts, whatever the code above does.
     sa.CheckConstraint("balance_minor >= -overdraft_limit_minor", name="within_overdraft"),
     sa.CheckConstraint("overdraft_limit_minor >= 0", name="overdraft_non_negative"),

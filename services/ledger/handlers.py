@@ -85,11 +85,13 @@ class LedgerService:
         run: TransactionRunner,
         *,
         read_replica: TransactionRunner | None = None,
+        region: str = "",
         clock: Clock = lambda: datetime.now(UTC),
         new_id: IdFactory = uuid.uuid4,
     ) -> None:
         self._run = run
         self._read_replica = read_replica
+        self._region = region
         self._clock = clock
         self._new_id = new_id
 
@@ -141,6 +143,7 @@ class LedgerService:
                     overdraft_limit_minor=cmd.overdraft_limit_minor,
                     state=AccountState.OPEN,
                     created_at=self._clock(),
+                    home_region=self._region,
                 )
                 uow.accounts.add(account)
                 return encode(account)

@@ -34,6 +34,7 @@ class Account:
     state: AccountState
     created_at: datetime
     closed_at: datetime | None = None
+    home_region: str = ""
 
     @property
     def available_minor(self) -> int:

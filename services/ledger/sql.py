@@ -29,6 +29,7 @@ def _account(row: Any) -> Account:
         state=AccountState(row.state),
         created_at=row.created_at,
         closed_at=row.closed_at,
+        home_region=row.home_region,
     )
 
 
@@ -63,6 +64,7 @@ class SqlAccounts:
                 state=account.state.value,
                 created_at=account.created_at,
                 closed_at=account.closed_at,
+                home_region=account.home_region,
             )
         )
 

@@ -136,3 +136,28 @@ def test_sidecars_accept_only_the_edges(configs: dict[str, dict[str, Any]]) -> N
     assert tls["common_tls_context"]["tls_certificates"][0]["certificate_chain"]["filename"] == (
         "/etc/meshbank/pki/us-west-transfer.crt"
     )
+
+
+def test_database_clusters_follow_patroni_or_any_ready_cockroach_node() -> None:
+    t = topology.load()
+    instance = next(i for i in t.instances() if i.region == "us-west")
+    pg = envoy.sidecar(t, instance, PATHS)
+    primary = cluster(pg, "database_primary")
+    replica = cluster(pg, "database_replica")
+    assert primary["health_checks"][0]["http_health_check"]["path"] == "/primary"
+    assert {e["priority"] for e in primary["load_assignment"]["endpoints"]} == {0}
+    assert replica["health_checks"][0]["http_health_check"]["path"] == "/liveness"
+    nearest = min(replica["load_assignment"]["endpoints"], key=lambda e: e["priority"])
+    assert nearest["locality"]["region"] == "us-west"
+    ports = {
+        e["lb_endpoints"][0]["endpoint"]["health_check_config"]["port_value"]
+        for e in primary["load_assignment"]["endpoints"]
+    }
+    assert ports == {t.patroni_port(r) for r in t.region_names}  # Patroni's API, not SQL
+
+    crdb = envoy.sidecar(t, instance, envoy.Paths(PATHS.pki_dir, PATHS.descriptor, "cockroachdb"))
+    for name in ("database_primary", "database_replica"):
+        c = cluster(crdb, name)
+        assert c["health_checks"][0]["http_health_check"]["path"] == "/health?ready=1"
+        nearest = min(c["load_assignment"]["endpoints"], key=lambda e: e["priority"])
+        assert nearest["locality"]["region"] == "us-west"

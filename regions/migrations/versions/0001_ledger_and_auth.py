@@ -8,7 +8,7 @@ Create Date: 2026-11-24
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, JSONB, UUID
 
 revision = "0001"
@@ -60,7 +60,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("code", name="pk_currencies"),
     )
     op.bulk_insert(
-        sa.table("currencies", sa.column("code"), sa.column("minor_units"), sa.column("name")),
+        sa.table(
+            "currencies",
+            sa.column("code", sa.String),
+            sa.column("minor_units", sa.SmallInteger),
+            sa.column("name", sa.Text),
+        ),
         [{"code": c, "minor_units": m, "name": n} for c, m, n in CURRENCIES],
     )
     op.create_table(
@@ -210,7 +215,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("principal", "request_id", name="pk_idempotency_keys"),
     )
 
-    if op.get_bind().dialect.name == "postgresql":
+    if context.get_context().dialect.name == "postgresql":
         op.execute(APPEND_ONLY)
         op.execute(BALANCED)
         for table in ("ledger_entries", "transfers", "idempotency_keys"):
@@ -241,6 +246,6 @@ def downgrade() -> None:
         "currencies",
     ):
         op.drop_table(table)
-    if op.get_bind().dialect.name == "postgresql":
+    if context.get_context().dialect.name == "postgresql":
         op.execute("DROP FUNCTION IF EXISTS meshbank_check_balanced()")
         op.execute("DROP FUNCTION IF EXISTS meshbank_refuse_change()")

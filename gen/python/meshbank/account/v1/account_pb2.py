@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!meshbank/account/v1/account.proto\x12\x13meshbank.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x15\n\rbalance_minor\x18\x05 \x01(\x03\x12\x1d\n\x15overdraft_limit_minor\x18\x06 \x01(\x03\x12\x30\n\x05state\x18\x07 \x01(\x0e\x32!.meshbank.account.v1.AccountState\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nclose_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x01\n\x14\x43reateAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x1d\n\x15overdraft_limit_minor\x18\x05 \x01(\x03\"F\n\x15\x43reateAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.meshbank.account.v1.Account\"\x94\x01\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x39\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32$.meshbank.account.v1.ReadConsistency\x12\x30\n\rmax_staleness\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"q\n\x12GetAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.meshbank.account.v1.Account\x12,\n\tstaleness\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"K\n\x13ListAccountsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x14ListAccountsResponse\x12.\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1c.meshbank.account.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x13\x43loseAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"E\n\x14\x43loseAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.meshbank.account.v1.Account*_\n\x0c\x41\x63\x63ountState\x12\x1d\n\x19\x41\x43\x43OUNT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43\x43OUNT_STATE_OPEN\x10\x01\x12\x18\n\x14\x41\x43\x43OUNT_STATE_CLOSED\x10\x02*x\n\x0fReadConsistency\x12 \n\x1cREAD_CONSISTENCY_UNSPECIFIED\x10\x00\x12\x1b\n\x17READ_CONSISTENCY_STRONG\x10\x01\x12&\n\"READ_CONSISTENCY_BOUNDED_STALENESS\x10\x02\x32\xae\x04\n\x0e\x41\x63\x63ountService\x12\x82\x01\n\rCreateAccount\x12).meshbank.account.v1.CreateAccountRequest\x1a*.meshbank.account.v1.CreateAccountResponse\"\x1a\x90\x02\x02\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/accounts:\x01*\x12\x83\x01\n\nGetAccount\x12&.meshbank.account.v1.GetAccountRequest\x1a\'.meshbank.account.v1.GetAccountResponse\"$\x90\x02\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/accounts/{account_id}\x12|\n\x0cListAccounts\x12(.meshbank.account.v1.ListAccountsRequest\x1a).meshbank.account.v1.ListAccountsResponse\"\x17\x90\x02\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/accounts\x12\x92\x01\n\x0c\x43loseAccount\x12(.meshbank.account.v1.CloseAccountRequest\x1a).meshbank.account.v1.CloseAccountResponse\"-\x90\x02\x02\x82\xd3\xe4\x93\x02$\"\x1f/v1/accounts/{account_id}:close:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!meshbank/account/v1/account.proto\x12\x13meshbank.account.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x02\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x15\n\rbalance_minor\x18\x05 \x01(\x03\x12\x1d\n\x15overdraft_limit_minor\x18\x06 \x01(\x03\x12\x30\n\x05state\x18\x07 \x01(\x0e\x32!.meshbank.account.v1.AccountState\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nclose_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bhome_region\x18\n \x01(\t\"\x85\x01\n\x14\x43reateAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x15\n\rcurrency_code\x18\x04 \x01(\t\x12\x1d\n\x15overdraft_limit_minor\x18\x05 \x01(\x03\"F\n\x15\x43reateAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.meshbank.account.v1.Account\"\x94\x01\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x39\n\x0b\x63onsistency\x18\x02 \x01(\x0e\x32$.meshbank.account.v1.ReadConsistency\x12\x30\n\rmax_staleness\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"q\n\x12GetAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.meshbank.account.v1.Account\x12,\n\tstaleness\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"K\n\x13ListAccountsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x14ListAccountsResponse\x12.\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1c.meshbank.account.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"=\n\x13\x43loseAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"E\n\x14\x43loseAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.meshbank.account.v1.Account*_\n\x0c\x41\x63\x63ountState\x12\x1d\n\x19\x41\x43\x43OUNT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43\x43OUNT_STATE_OPEN\x10\x01\x12\x18\n\x14\x41\x43\x43OUNT_STATE_CLOSED\x10\x02*x\n\x0fReadConsistency\x12 \n\x1cREAD_CONSISTENCY_UNSPECIFIED\x10\x00\x12\x1b\n\x17READ_CONSISTENCY_STRONG\x10\x01\x12&\n\"READ_CONSISTENCY_BOUNDED_STALENESS\x10\x02\x32\xae\x04\n\x0e\x41\x63\x63ountService\x12\x82\x01\n\rCreateAccount\x12).meshbank.account.v1.CreateAccountRequest\x1a*.meshbank.account.v1.CreateAccountResponse\"\x1a\x90\x02\x02\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/accounts:\x01*\x12\x83\x01\n\nGetAccount\x12&.meshbank.account.v1.GetAccountRequest\x1a\'.meshbank.account.v1.GetAccountResponse\"$\x90\x02\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/accounts/{account_id}\x12|\n\x0cListAccounts\x12(.meshbank.account.v1.ListAccountsRequest\x1a).meshbank.account.v1.ListAccountsResponse\"\x17\x90\x02\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/accounts\x12\x92\x01\n\x0c\x43loseAccount\x12(.meshbank.account.v1.CloseAccountRequest\x1a).meshbank.account.v1.CloseAccountResponse\"-\x90\x02\x02\x82\xd3\xe4\x93\x02$\"\x1f/v1/accounts/{account_id}:close:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,28 +42,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCOUNTSERVICE'].methods_by_name['ListAccounts']._serialized_options = b'\220\002\001\202\323\344\223\002\016\022\014/v1/accounts'
   _globals['_ACCOUNTSERVICE'].methods_by_name['CloseAccount']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['CloseAccount']._serialized_options = b'\220\002\002\202\323\344\223\002$\"\037/v1/accounts/{account_id}:close:\001*'
-  _globals['_ACCOUNTSTATE']._serialized_start=1228
-  _globals['_ACCOUNTSTATE']._serialized_end=1323
-  _globals['_READCONSISTENCY']._serialized_start=1325
-  _globals['_READCONSISTENCY']._serialized_end=1445
+  _globals['_ACCOUNTSTATE']._serialized_start=1249
+  _globals['_ACCOUNTSTATE']._serialized_end=1344
+  _globals['_READCONSISTENCY']._serialized_start=1346
+  _globals['_READCONSISTENCY']._serialized_end=1466
   _globals['_ACCOUNT']._serialized_start=154
-  _globals['_ACCOUNT']._serialized_end=444
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=447
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=580
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=582
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=652
-  _globals['_GETACCOUNTREQUEST']._serialized_start=655
-  _globals['_GETACCOUNTREQUEST']._serialized_end=803
-  _globals['_GETACCOUNTRESPONSE']._serialized_start=805
-  _globals['_GETACCOUNTRESPONSE']._serialized_end=918
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=920
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=995
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=997
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1092
-  _globals['_CLOSEACCOUNTREQUEST']._serialized_start=1094
-  _globals['_CLOSEACCOUNTREQUEST']._serialized_end=1155
-  _globals['_CLOSEACCOUNTRESPONSE']._serialized_start=1157
-  _globals['_CLOSEACCOUNTRESPONSE']._serialized_end=1226
-  _globals['_ACCOUNTSERVICE']._serialized_start=1448
-  _globals['_ACCOUNTSERVICE']._serialized_end=2006
+  _globals['_ACCOUNT']._serialized_end=465
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=468
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=601
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=603
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=673
+  _globals['_GETACCOUNTREQUEST']._serialized_start=676
+  _globals['_GETACCOUNTREQUEST']._serialized_end=824
+  _globals['_GETACCOUNTRESPONSE']._serialized_start=826
+  _globals['_GETACCOUNTRESPONSE']._serialized_end=939
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=941
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1016
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1018
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1113
+  _globals['_CLOSEACCOUNTREQUEST']._serialized_start=1115
+  _globals['_CLOSEACCOUNTREQUEST']._serialized_end=1176
+  _globals['_CLOSEACCOUNTRESPONSE']._serialized_start=1178
+  _globals['_CLOSEACCOUNTRESPONSE']._serialized_end=1247
+  _globals['_ACCOUNTSERVICE']._serialized_start=1469
+  _globals['_ACCOUNTSERVICE']._serialized_end=2027
 # @@protoc_insertion_point(module_scope)

@@ -88,6 +88,7 @@ class Account(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CLOSE_TIME_FIELD_NUMBER: _builtins.int
+    HOME_REGION_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The server-assigned identifier (a UUID)."""
     owner: _builtins.str
@@ -102,6 +103,10 @@ class Account(_message.Message):
     """How far below zero the balance may go, in minor units; 0 means no overdraft."""
     state: Global___AccountState.ValueType
     """The lifecycle state."""
+    home_region: _builtins.str
+    """The region the account lives in (its owner's region when it was opened); on
+    CockroachDB its rows are stored there.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the account was opened."""
@@ -122,10 +127,11 @@ class Account(_message.Message):
         state: Global___AccountState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         close_time: _timestamp_pb2.Timestamp | None = ...,
+        home_region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["close_time", b"close_time", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance_minor", b"balance_minor", "close_time", b"close_time", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "overdraft_limit_minor", b"overdraft_limit_minor", "owner", b"owner", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance_minor", b"balance_minor", "close_time", b"close_time", "create_time", b"create_time", "currency_code", b"currency_code", "display_name", b"display_name", "home_region", b"home_region", "overdraft_limit_minor", b"overdraft_limit_minor", "owner", b"owner", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
