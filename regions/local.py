@@ -608,12 +608,13 @@ def supervisor_pid(state: Path) -> int | None:
 
 def start_detached(state: Path, timeout: float = 300.0) -> dict[str, Any]:
     """Start the supervisor in its own session and wait until every process is healthy."""
+    supervisor: subprocess.Popen[bytes] | None = None
     if supervisor_pid(state) is None:
         state.mkdir(parents=True, exist_ok=True)
         (state / "status.json").unlink(missing_ok=True)
         (state / "control.json").unlink(missing_ok=True)
         with open(state / "supervisor.log", "ab") as out:
-            subprocess.Popen(
+            supervisor = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "up"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -628,6 +629,8 @@ def start_detached(state: Path, timeout: float = 300.0) -> dict[str, Any]:
             return status
         if status and status["phase"] in ("failed", "stopped"):
             break
+        if supervisor is not None and supervisor.poll() is not None:
+            break  # it died before it could even write a status (bad config, ...)
         time.sleep(0.5)
     tail = (state / "supervisor.log").read_text(errors="replace").splitlines()[-30:]
     raise LocalError(

@@ -93,7 +93,9 @@ def make_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping round trip per checkout: a dead pooled connection fails the
+        # transaction, and run_transaction re-runs it on a fresh one.
+        pool_pre_ping=False,
         isolation_level=isolation_level,
         connect_args={"application_name": application_name},
     )

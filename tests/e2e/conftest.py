@@ -71,9 +71,10 @@ class Deployment:
         return reply.access_token
 
     def database_url(self) -> str:
-        port = self.status()["endpoints"]["database"].rsplit(":", 1)[1]
-        password = self.secrets["database_password"]
-        return f"postgresql+psycopg://meshbank:{password}@127.0.0.1:{port}/meshbank"
+        """The current database leader's URL (found through Patroni)."""
+        from regions import local
+
+        return local.primary_url(self.state, local.load_topology(self.env))
 
 
 @pytest.fixture(scope="module")
