@@ -95,24 +95,29 @@ def _san_matchers(identities: Iterable[str]) -> list[Config]:
     return [{"san_type": "URI", "matcher": {"exact": i}} for i in identities]
 
 
+def _common_tls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
+    """Our certificate, and a peer must chain to the mesh CA and carry one of ``peers``."""
+    return {
+        "alpn_protocols": ["h2"],
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": paths.cert(own)},
+                "private_key": {"filename": paths.key(own)},
+            }
+        ],
+        "validation_context": {
+            "trusted_ca": {"filename": paths.ca},
+            "match_typed_subject_alt_names": _san_matchers(peers),
+        },
+    }
+
+
 def _upstream_tls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
     return {
         "name": TLS_SOCKET,
         "typed_config": {
             "@type": EXT + "transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "tls_certificates": [
-                    {
-                        "certificate_chain": {"filename": paths.cert(own)},
-                        "private_key": {"filename": paths.key(own)},
-                    }
-                ],
-                "validation_context": {
-                    "trusted_ca": {"filename": paths.ca},
-                    "match_typed_subject_alt_names": _san_matchers(peers),
-                },
-            },
+            "common_tls_context": _common_tls(paths, own, peers),
         },
     }
 
@@ -123,19 +128,7 @@ def _downstream_mtls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
         "typed_config": {
             "@type": EXT + "transport_sockets.tls.v3.DownstreamTlsContext",
             "require_client_certificate": True,
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "tls_certificates": [
-                    {
-                        "certificate_chain": {"filename": paths.cert(own)},
-                        "private_key": {"filename": paths.key(own)},
-                    }
-                ],
-                "validation_context": {
-                    "trusted_ca": {"filename": paths.ca},
-                    "match_typed_subject_alt_names": _san_matchers(peers),
-                },
-            },
+            "common_tls_context": _common_tls(paths, own, peers),
         },
     }
 

@@ -23,8 +23,8 @@ from services.auth.tokens import CachingKeySource, TokenIssuer, TokenVerifier
 from services.common.config import ServiceConfig
 from services.common.db import RetryPolicy, make_engine
 from services.common.server import Registration
+from services.ledger import sql as ledger_sql
 from services.ledger.handlers import LedgerService
-from services.ledger.sql import SqlTransactionRunner
 from services.transfer.servicer import TransferServicer
 
 ACCOUNT_SERVICE = account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
@@ -60,9 +60,9 @@ def build_with_engine(
         CachingKeySource(lambda: auth_sql.load_public_keys(engine)),
     )
     ledger = LedgerService(
-        SqlTransactionRunner(engine),
+        ledger_sql.transaction_runner(engine),
         # A replica that fails is skipped at once (the read falls back to the primary).
-        read_replica=SqlTransactionRunner(read_engine, policy=REPLICA_POLICY)
+        read_replica=ledger_sql.transaction_runner(read_engine, policy=REPLICA_POLICY)
         if read_engine is not None
         else None,
         # Accounts opened here live in this region; unset, the topology's default.
@@ -71,7 +71,7 @@ def build_with_engine(
     registrations: list[Registration] = []
     if "auth" in wanted:
         auth = AuthService(
-            auth_sql.SqlTransactionRunner(engine),
+            auth_sql.transaction_runner(engine),
             TokenIssuer(config.token_issuer, config.token_audience),
             Passwords(),
             key_passphrase=config.key_passphrase,
@@ -124,7 +124,7 @@ def auth_admin(database_url: str) -> AuthService:
     """The auth use cases for operator commands (users create, partners create, rotate-keys)."""
     engine = make_engine(database_url, pool_size=1, application_name="meshbank-admin")
     return AuthService(
-        auth_sql.SqlTransactionRunner(engine),
+        auth_sql.transaction_runner(engine),
         TokenIssuer("unused", "unused"),
         Passwords(),
     )

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -20,19 +19,23 @@ from sqlalchemy.engine import Connection, Engine
 
 from services.auth.keys import public_key_from_jwk
 from services.auth.ports import (
-    AuthUnitOfWork,
     Partner,
     RefreshToken,
     StoredSigningKey,
     User,
 )
 from services.common import errors
-from services.common.db import RetryObserver, RetryPolicy, run_transaction
+from services.common.db import (
+    DEFAULT_POLICY,
+    RetryObserver,
+    RetryPolicy,
+    UnitOfWorkRunner,
+    run_transaction,
+)
 from services.common.schema import partners, refresh_tokens, signing_keys, users
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 UNIQUE_VIOLATION = "23505"
 
@@ -245,28 +248,14 @@ class SqlAuthUnitOfWork:
         return self._refresh_tokens
 
 
-class SqlTransactionRunner:
-    """Runs auth units of work with ``run_transaction`` (whole-transaction retries)."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        policy: RetryPolicy | None = None,
-        on_retry: RetryObserver | None = None,
-    ) -> None:
-        self._engine = engine
-        self._policy = policy or RetryPolicy()
-        self._on_retry = on_retry
-
-    def __call__(self, work: Callable[[AuthUnitOfWork], T], *, readonly: bool = False) -> T:
-        return run_transaction(
-            self._engine,
-            lambda conn: work(SqlAuthUnitOfWork(conn)),
-            policy=self._policy,
-            readonly=readonly,
-            on_retry=self._on_retry,
-        )
+def transaction_runner(
+    engine: Engine,
+    *,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    on_retry: RetryObserver | None = None,
+) -> UnitOfWorkRunner[SqlAuthUnitOfWork]:
+    """The auth service's TransactionRunner: its unit of work over the retry helper."""
+    return UnitOfWorkRunner(engine, SqlAuthUnitOfWork, policy=policy, on_retry=on_retry)
 
 
 KEY_LOAD_POLICY = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.2)

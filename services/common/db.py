@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -38,6 +38,7 @@ from services.common import errors
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 RETRYABLE_SQLSTATES = frozenset(
     {
@@ -180,3 +181,30 @@ def run_transaction(
             log.info("retrying transaction (attempt %d, in %.3fs): %s", attempt, delay, exc)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class UnitOfWorkRunner(Generic[U]):
+    """Runs units of work of one kind (``make_uow`` over a connection) with
+    ``run_transaction``: what every service's ``TransactionRunner`` port needs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        make_uow: Callable[[Connection], U],
+        *,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        on_retry: RetryObserver | None = None,
+    ) -> None:
+        self._engine = engine
+        self._make_uow = make_uow
+        self._policy = policy
+        self._on_retry = on_retry
+
+    def __call__(self, work: Callable[[U], T], *, readonly: bool = False) -> T:
+        return run_transaction(
+            self._engine,
+            lambda conn: work(self._make_uow(conn)),
+            policy=self._policy,
+            readonly=readonly,
+            on_retry=self._on_retry,
+        )

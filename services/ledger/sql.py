@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -13,9 +13,7 @@ from sqlalchemy.engine import Connection, Engine
 from services.common import db
 from services.common.schema import accounts, currencies, idempotency_keys, ledger_entries, transfers
 from services.ledger.model import Account, AccountState, Entry, Transfer
-from services.ledger.ports import Cursor, LedgerUnitOfWork, StoredResponse
-
-T = TypeVar("T")
+from services.ledger.ports import Cursor, StoredResponse
 
 
 def _account(row: Any) -> Account:
@@ -276,25 +274,11 @@ class SqlUnitOfWork:
         return max(0.0, float(self._conn.execute(STALENESS_SQL).scalar_one()))
 
 
-class SqlTransactionRunner:
-    """Runs a ledger unit of work through the whole-transaction retry helper."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        policy: db.RetryPolicy = db.DEFAULT_POLICY,
-        on_retry: db.RetryObserver | None = None,
-    ) -> None:
-        self._engine = engine
-        self._policy = policy
-        self._on_retry = on_retry
-
-    def __call__(self, work: Callable[[LedgerUnitOfWork], T], *, readonly: bool = False) -> T:
-        return db.run_transaction(
-            self._engine,
-            lambda conn: work(SqlUnitOfWork(conn)),
-            policy=self._policy,
-            readonly=readonly,
-            on_retry=self._on_retry,
-        )
+def transaction_runner(
+    engine: Engine,
+    *,
+    policy: db.RetryPolicy = db.DEFAULT_POLICY,
+    on_retry: db.RetryObserver | None = None,
+) -> db.UnitOfWorkRunner[SqlUnitOfWork]:
+    """The ledger's TransactionRunner: its unit of work over the retry helper."""
+    return db.UnitOfWorkRunner(engine, SqlUnitOfWork, policy=policy, on_retry=on_retry)
