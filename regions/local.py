@@ -204,11 +204,18 @@ class Child:
     healthy: bool = False
 
     def start(self) -> None:
+        argv = self.argv
+        if argv[0] != "setpriv":
+            # Killed with the supervisor if that ever dies without stopping it: nothing
+            # is left holding a port. (Patroni drops privileges with setpriv, which
+            # clears the parent-death signal; `meshbank down` kills it from the
+            # status file instead.)
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         with open(self.log_path, "ab") as out:
             # Its own session: a terminal's or a test runner's signals do not reach it,
             # and it outlives the command that started the supervisor.
             self.process = subprocess.Popen(
-                self.argv,
+                argv,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -665,14 +672,15 @@ def _ours(pid: int) -> bool:
 
 
 def kill_leftovers(state: Path) -> None:
-    """Kill any process the status file still lists (after a supervisor crash)."""
-    status = read_status(state)
-    if not status:
-        return
-    for proc in status.get("processes", []):
-        pid = proc.get("pid")
+    """Kill any process the status file still lists, and any PostgreSQL still running
+    from our data directories (after a supervisor crash)."""
+    status = read_status(state) or {}
+    pids = [(p.get("name"), p.get("pid")) for p in status.get("processes", [])]
+    for member in sorted((state / "db").glob("*")) if (state / "db").is_dir() else []:
+        pids.append((f"{member.name} postgres", replication.postmaster_pid(member)))
+    for name, pid in pids:
         if pid and pid_alive(pid) and _ours(pid):
-            log.warning("killing leftover %s (pid %d)", proc.get("name"), pid)
+            log.warning("killing leftover %s (pid %d)", name, pid)
             os.kill(pid, signal.SIGKILL)
 
 

@@ -283,3 +283,22 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_crashed_supervisor_leaves_nothing_behind(deployment: Deployment) -> None:
+    """SIGKILL the supervisor: its children die with it (parent-death signal) and
+    `meshbank down` kills what dropped privileges (Patroni and its PostgreSQL)."""
+    import os
+    import signal
+
+    from regions import replication
+
+    st = deployment.status()
+    postmasters = [
+        replication.postmaster_pid(member) for member in (deployment.state / "db").iterdir()
+    ]
+    os.kill(st["supervisor_pid"], signal.SIGKILL)
+    wait_for(lambda: not _alive(st["supervisor_pid"]), 10, "the supervisor to die")
+    assert deployment.meshbank("down").returncode == 0
+    pids = [p["pid"] for p in st["processes"]] + [p for p in postmasters if p]
+    wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "every process to be gone")
