@@ -143,7 +143,10 @@ gRPC (the internal API; the same methods):
 From Python, with the generated stubs:
   import grpc
   from meshbank.account.v1 import account_pb2, account_pb2_grpc
+  from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
   channel = grpc.insecure_channel("{ep["global_grpc"]}")
+  token = auth_pb2_grpc.AuthServiceStub(channel).Login(auth_pb2.LoginRequest(
+      username="{DEMO_USER}", password="{secret["demo_password"]}")).access_token
   accounts = account_pb2_grpc.AccountServiceStub(channel)
   print(accounts.ListAccounts(account_pb2.ListAccountsRequest(),
                               metadata=[("authorization", "Bearer " + token)]))
