@@ -203,13 +203,11 @@ def _health_check(kind: str, target: str) -> Config:
         "no_traffic_interval": HC_INTERVAL,
         "unhealthy_threshold": 2,
         "healthy_threshold": 1,
-        "event_log_path": "/dev/null",
     }
     if kind == "grpc":
         check["grpc_health_check"] = {"service_name": target}
     else:
         check["http_health_check"] = {"path": target, "codec_client_type": "HTTP2"}
-    check.pop("event_log_path")
     return check
 
 
@@ -502,7 +500,7 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
     return config
 
 
-def edge(topology: Topology, region: str, paths: Paths, descriptor: Path | None = None) -> Config:
+def edge(topology: Topology, region: str, paths: Paths) -> Config:
     host = topology.host
     own = f"{region}-edge"
     config = _bootstrap(f"{region}-edge", f"{region}/edge", topology.edge_admin_port(region), host)
@@ -528,7 +526,7 @@ def edge(topology: Topology, region: str, paths: Paths, descriptor: Path | None 
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
             "@type": EXT + "filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-            "proto_descriptor": str(descriptor or paths.descriptor),
+            "proto_descriptor": str(paths.descriptor),
             "services": [api.full_service_name(s) for s in topology.services],
             "print_options": {
                 "add_whitespace": False,

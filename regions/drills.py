@@ -157,7 +157,7 @@ class Fault:
         if self.name == "db-leader-kill":
             local.kill_region(self.state, self.region, ["db"])
         elif self.name == "region-kill":
-            local.kill_region(self.state, self.region, list(local.ROLES[:-1]))
+            local.kill_region(self.state, self.region, [r for r in local.ROLES if r != "global"])
         elif self.name == "leader-pause":
             pids = []
             patroni = _patroni_pid(self.state, self.region)
@@ -325,7 +325,7 @@ def run(
 
 def _all_healthy(state: Path) -> bool:
     status = local.read_status(state)
-    return bool(status) and all(p["healthy"] for p in status["processes"])  # type: ignore[index]
+    return status is not None and all(p["healthy"] for p in status["processes"])
 
 
 def table(result: DrillResult) -> str:

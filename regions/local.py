@@ -124,9 +124,11 @@ def _write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def database_url(topology: topo.Topology, port: int, secret: Mapping[str, str]) -> str:
+def database_url(
+    topology: topo.Topology, port: int, secret: Mapping[str, str], database: str = "meshbank"
+) -> str:
     password = secret["database_password"]
-    return f"postgresql+psycopg://meshbank:{password}@{topology.host}:{port}/meshbank"
+    return f"postgresql+psycopg://meshbank:{password}@{topology.host}:{port}/{database}"
 
 
 def primary_url(state: Path, topology: topo.Topology, timeout: float = 30.0) -> str:
@@ -291,6 +293,7 @@ class Supervisor:
         self._channels: dict[str, grpc.Channel] = {}
         self.children = self._plan()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="health")
+        self._leader: str | None = None
         self._stop = threading.Event()
 
     # -- the process plan --------------------------------------------------------------
@@ -336,8 +339,7 @@ class Supervisor:
         if self.engine == "cockroachdb":
             host = self.topology.host
             return f"cockroachdb+psycopg://root@{host}:{port}/{database}?sslmode=disable"
-        url = database_url(self.topology, port, self.secrets)
-        return url.rsplit("/", 1)[0] + f"/{database}"
+        return database_url(self.topology, port, self.secrets, database)
 
     def _postgres_members(self) -> list[Child]:
         """Per region an etcd member and a Patroni member running PostgreSQL."""
@@ -356,7 +358,7 @@ class Supervisor:
             for region in t.region_names
         ]
         for region in t.region_names:
-            argv, _ = replication.prepare_member(t, region, self.state / "db", self.secrets)
+            argv = replication.patroni_argv(self.state / "db", region)
             children.append(
                 Child(
                     region,
@@ -457,6 +459,11 @@ class Supervisor:
                 shutil.rmtree(etcd_dir / region, ignore_errors=True)
         etcd_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(cluster)
+        if self.engine == "postgres":
+            for region in self.topology.region_names:
+                replication.write_member_config(
+                    self.topology, region, self.state / "db", self.secrets
+                )
 
         for identity in envoy_config.identities(self.topology):
             self._ca.issue(identity)
@@ -503,15 +510,24 @@ class Supervisor:
             self._write_status(phase="stopped")
 
     def _check_health(self) -> None:
-        """Health-check every live process at once: a dead one costs its timeout only once,
-        not once per process in line (which made the loop, and so restarts, seconds late)."""
+        """Health-check every live process, and ask each member whether it is the
+        primary, all at once: a dead or paused one costs its timeout only once, not once
+        per probe in line (which made the loop, and so restarts, seconds late)."""
         alive = [c for c in self.children if c.alive]
         for child in self.children:
             if not child.alive:
                 child.healthy = False
+        regions = self.topology.region_names if self.engine == "postgres" else ()
+        primaries = [
+            self._pool.submit(replication.is_primary, self.topology.patroni_port(r))
+            for r in regions
+        ]
         results = self._pool.map(lambda c: c.check(), alive)
         for child, healthy in zip(alive, results, strict=True):
             child.healthy = healthy
+        self._leader = next(
+            (r for r, f in zip(regions, primaries, strict=True) if f.result()), None
+        )
 
     def _prepare_database(self, timeout: float = 180.0) -> None:
         """Wait for the database, create ``meshbank`` on it and apply the migrations."""
@@ -586,7 +602,7 @@ class Supervisor:
         status = {
             "phase": phase,
             "supervisor_pid": os.getpid(),
-            "database_leader": replication.leader(self.topology),
+            "database_leader": self._leader,
             "regions": list(self.topology.region_names),
             "processes": processes,
             "endpoints": self.endpoints(),

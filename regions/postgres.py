@@ -27,14 +27,14 @@ class PostgresError(RuntimeError):
     """PostgreSQL could not be initialised, started or reached."""
 
 
-def _run_as() -> list[str]:
+def run_as_postgres() -> list[str]:
     """The command prefix that drops root privileges to the postgres user, if needed."""
     if os.geteuid() != 0:
         return []
     return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
 
 
-def _chown_to_postgres(path: Path) -> None:
+def chown_to_postgres(path: Path) -> None:
     if os.geteuid() == 0:
         pw = pwd.getpwnam("postgres")
         os.chown(path, pw.pw_uid, pw.pw_gid)
@@ -91,15 +91,15 @@ class PostgresNode:
         if self.initialised():
             return
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        _chown_to_postgres(self.base_dir)
+        chown_to_postgres(self.base_dir)
         pwfile = self.base_dir / ".pwfile"
         pwfile.write_text(self.password)
         pwfile.chmod(0o600)
-        _chown_to_postgres(pwfile)
+        chown_to_postgres(pwfile)
         try:
             result = subprocess.run(
                 [
-                    *_run_as(),
+                    *run_as_postgres(),
                     str(PG_BIN / "initdb"),
                     "-D",
                     str(self.data_dir),
@@ -134,7 +134,7 @@ class PostgresNode:
             **({} if self.durable else {"fsync": "off", "full_page_writes": "off"}),
             **self.settings,
         }
-        args = [*_run_as(), str(PG_BIN / "postgres"), "-D", str(self.data_dir)]
+        args = [*run_as_postgres(), str(PG_BIN / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
         return args

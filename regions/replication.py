@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import subprocess
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,12 +19,10 @@ from typing import Any
 
 import yaml
 
-from regions.postgres import PG_BIN
+from regions.postgres import PG_BIN, chown_to_postgres, run_as_postgres
 from regions.topology import Topology
 
 SCOPE = "meshbank"
-PATRONI_VERSION = "3.1.2"
-PATRONI_REQUIREMENTS = Path(__file__).resolve().parent / "patroni-requirements.txt"
 
 
 def patroni_venv() -> Path:
@@ -159,28 +155,27 @@ def patroni_config(
     }
 
 
-def _chown_postgres(path: Path) -> None:
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(path, pw.pw_uid, pw.pw_gid)
+def member_config_path(db_dir: Path, region: str) -> Path:
+    return db_dir / region / "patroni.yaml"
 
 
-def prepare_member(
+def write_member_config(
     topology: Topology, region: str, db_dir: Path, secret: Mapping[str, str]
-) -> tuple[list[str], Path]:
-    """Write a member's Patroni config; return the command that runs it and the config."""
+) -> None:
+    """Write a member's Patroni config (regenerated from the topology on every start)."""
     member_dir = db_dir / region
     member_dir.mkdir(parents=True, exist_ok=True)
     member_dir.chmod(0o700)
-    _chown_postgres(member_dir)
-    config = member_dir / "patroni.yaml"
+    chown_to_postgres(member_dir)
+    config = member_config_path(db_dir, region)
     config.write_text(yaml.safe_dump(patroni_config(topology, region, member_dir, secret)))
     config.chmod(0o600)
-    _chown_postgres(config)
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        prefix = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
-    return [*prefix, patroni_binary(), str(config)], config
+    chown_to_postgres(config)
+
+
+def patroni_argv(db_dir: Path, region: str) -> list[str]:
+    """The command that runs a member (as the postgres user when we are root)."""
+    return [*run_as_postgres(), patroni_binary(), str(member_config_path(db_dir, region))]
 
 
 def patroni_get(
@@ -213,13 +208,14 @@ def cluster_state(topology: Topology) -> dict[str, Any] | None:
     return None
 
 
+def is_primary(port: int) -> bool:
+    """Patroni's own answer: 200 on ``/primary`` only on the leader."""
+    return patroni_get(port, "/primary")[0] == 200
+
+
 def leader(topology: Topology) -> str | None:
     """The region whose member is the primary, according to the members themselves."""
-    for region in topology.region_names:
-        code, _ = patroni_get(topology.patroni_port(region), "/primary")
-        if code == 200:
-            return region
-    return None
+    return next((r for r in topology.region_names if is_primary(topology.patroni_port(r))), None)
 
 
 def replication_healthy(topology: Topology) -> bool:
@@ -243,13 +239,3 @@ def postmaster_pid(member_dir: Path) -> int | None:
         return int((member_dir / "data" / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def patronictl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(patroni_venv() / "bin" / "patronictl"), "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -81,8 +82,8 @@ class Workload:
         for thread in self._threads:
             thread.join(self.retry_window + 30)
 
-    def _spawn(self, target: object, n: int) -> None:
-        thread = threading.Thread(target=target, args=(n,), daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, target: Callable[[int], None], n: int) -> None:
+        thread = threading.Thread(target=target, args=(n,), daemon=True)
         thread.start()
         self._threads.append(thread)
 

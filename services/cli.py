@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from regions import local
+from regions.drills import DRILLS
 
 log = logging.getLogger("meshbank")
 
@@ -181,6 +182,14 @@ def _read_password() -> str:
     return first
 
 
+def _refused(exc: Exception) -> int:
+    """Print why an operator command was refused (and each bad field); exit code 1."""
+    print(f"meshbank: {getattr(exc, 'message', exc)}", file=sys.stderr)
+    for v in getattr(exc, "violations", []):
+        print(f"  {v.field}: {v.description}", file=sys.stderr)
+    return 1
+
+
 def cmd_users_create(args: argparse.Namespace) -> int:
     from services import app
     from services.common import errors
@@ -189,10 +198,7 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     try:
         admin.create_user(args.name, _read_password())
     except errors.DomainError as exc:
-        print(f"meshbank: {exc.message}", file=sys.stderr)
-        for v in getattr(exc, "violations", []):
-            print(f"  {v.field}: {v.description}", file=sys.stderr)
-        return 1
+        return _refused(exc)
     print(f"created user users/{args.name}")
     return 0
 
@@ -206,10 +212,7 @@ def cmd_partners_create(args: argparse.Namespace) -> int:
     try:
         client_id, secret = admin.create_partner(args.name, scopes)
     except errors.DomainError as exc:
-        print(f"meshbank: {exc.message}", file=sys.stderr)
-        for v in getattr(exc, "violations", []):
-            print(f"  {v.field}: {v.description}", file=sys.stderr)
-        return 1
+        return _refused(exc)
     print(f"created partner {args.name} with scopes {' '.join(scopes)}")
     print(f"client_id:     {client_id}")
     print(f"client_secret: {secret}")
@@ -270,10 +273,11 @@ def parser() -> argparse.ArgumentParser:
     )
     s = region.add_parser("kill", help="SIGKILL a region's processes and keep them down")
     s.add_argument("region")
+    killable = ",".join(r for r in local.ROLES if r != "global")
     s.add_argument(
         "--roles",
-        default="service,sidecar,edge,db,etcd",
-        help="comma-separated subset of service,sidecar,edge,db,etcd (default: all)",
+        default=killable,
+        help=f"comma-separated subset of {killable} (default: all)",
     )
     s.set_defaults(func=cmd_region_kill)
     s = region.add_parser("restore", help="let the supervisor restart a killed region")
@@ -281,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_region_restore)
 
     s = sub.add_parser("drill", help="run a failover drill against the running deployment")
-    s.add_argument("name", choices=["db-leader-kill", "region-kill", "leader-pause"])
+    s.add_argument("name", choices=DRILLS)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--hold", type=float, default=12.0, help="seconds the fault lasts")
     s.set_defaults(func=cmd_drill)

@@ -37,6 +37,7 @@ from services.auth.servicer import AuthServicer
 from services.auth.tokens import CachingKeySource, TokenIssuer, TokenVerifier
 from services.common import errors
 from services.common.principal import ALL_SCOPES, USER_SCOPES, Principal
+from tests.fakes.passwords import FAST
 
 T = TypeVar("T")
 
@@ -44,15 +45,6 @@ ISSUER = "https://auth.meshbank.test"
 AUDIENCE = "meshbank"
 PASSPHRASE = "unit test passphrase"
 PASSWORD = "correct horse battery"
-FAST = argon2.Parameters(
-    type=argon2.Type.ID,
-    version=19,
-    salt_len=16,
-    hash_len=32,
-    time_cost=1,
-    memory_cost=8,
-    parallelism=1,
-)
 
 
 # -- fakes -------------------------------------------------------------------------------

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import argon2
 import pytest
 
 from services.auth.passwords import Passwords
-
-# Full-size salt and hash, minimal cost: fast tests, same code paths as production.
-FAST = argon2.Parameters(
-    type=argon2.Type.ID,
-    version=19,
-    salt_len=16,
-    hash_len=32,
-    time_cost=1,
-    memory_cost=8,
-    parallelism=1,
-)
+from tests.fakes.passwords import FAST
 
 
 @pytest.fixture
