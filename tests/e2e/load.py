@@ -17,6 +17,11 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 @dataclass
 class Outcome:
+    """One call's final outcome; ``sent`` is when its (last) attempt was sent, ``at`` when
+    it completed. Routing is judged by ``sent``: on a loaded machine a call sent before a
+    kill can complete seconds after it, served by the region that was then healthy."""
+
+    sent: float
     at: float
     kind: str  # read | write
     code: grpc.StatusCode
@@ -84,15 +89,16 @@ class Load:
     def _read(
         self, accounts: account_pb2_grpc.AccountServiceStub, md: tuple[tuple[str, str]]
     ) -> None:
+        sent = time.monotonic()
         try:
             _, call = accounts.GetAccount.with_call(
                 account_pb2.GetAccountRequest(account_id=self.source), metadata=md, timeout=10
             )
             self._record(
-                Outcome(time.monotonic(), "read", grpc.StatusCode.OK, self._served_by(call))
+                Outcome(sent, time.monotonic(), "read", grpc.StatusCode.OK, self._served_by(call))
             )
         except grpc.RpcError as err:
-            self._record(Outcome(time.monotonic(), "read", err.code(), ""))
+            self._record(Outcome(sent, time.monotonic(), "read", err.code(), ""))
 
     def _write(
         self, transfers: transfer_pb2_grpc.TransferServiceStub, md: tuple[tuple[str, str]]
@@ -106,11 +112,14 @@ class Load:
             currency_code="USD",
         )
         code = grpc.StatusCode.UNKNOWN
+        sent = time.monotonic()
         for _ in range(self.write_attempts):
+            sent = time.monotonic()
             try:
                 _, call = transfers.CreateTransfer.with_call(request, metadata=md, timeout=20)
                 self._record(
                     Outcome(
+                        sent,
                         time.monotonic(),
                         "write",
                         grpc.StatusCode.OK,
@@ -124,12 +133,15 @@ class Load:
                 if code not in RETRYABLE:
                     break
                 time.sleep(0.2)
-        self._record(Outcome(time.monotonic(), "write", code, "", request_id))
+        self._record(Outcome(sent, time.monotonic(), "write", code, "", request_id))
 
     def failed(self, kind: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.kind == kind and o.code != grpc.StatusCode.OK]
 
     def regions_between(self, start: float, end: float) -> set[str]:
+        """The regions that served the calls sent between ``start`` and ``end``."""
         return {
-            o.served_by.split("/")[0] for o in self.outcomes if start <= o.at <= end and o.served_by
+            o.served_by.split("/")[0]
+            for o in self.outcomes
+            if start <= o.sent <= end and o.served_by
         }
