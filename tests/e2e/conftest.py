@@ -1,4 +1,9 @@
-"""A whole local deployment (`meshbank up --detach`) per test module, on its own ports.
+"""One whole local deployment (`meshbank up --detach`) for the e2e session, on its own ports.
+
+It is shared by every e2e module: starting three regions costs about a minute on these
+two cores, and `make test` must stay short. Tests that break something (drills, killed
+regions, a crashed supervisor, `down`) restore it before they return, and each waits for
+every process to be healthy again.
 
 Whatever happens, the finalizer runs `meshbank down` and then kills by PID anything the
 status file still lists, so no Envoy, service or PostgreSQL is left holding a port.
@@ -77,7 +82,7 @@ class Deployment:
         return local.primary_url(self.state, local.load_topology(self.env))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def deployment() -> Iterator[Deployment]:
     base_dir = Path(tempfile.mkdtemp(prefix="meshbank-e2e-"))
     base_dir.chmod(0o755)  # the postgres user must reach its data directory

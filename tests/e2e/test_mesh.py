@@ -302,3 +302,6 @@ def test_a_crashed_supervisor_leaves_nothing_behind(deployment: Deployment) -> N
     assert deployment.meshbank("down").returncode == 0
     pids = [p["pid"] for p in st["processes"]] + [p for p in postmasters if p]
     wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "every process to be gone")
+    # The deployment is shared by the whole e2e session: bring it back on the same data.
+    up = deployment.meshbank("up", "--detach", timeout=300)
+    assert up.returncode == 0, up.stderr
