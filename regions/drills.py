@@ -13,6 +13,15 @@ Faults (all on the region that holds the database leader, the worst case):
 * ``leader-pause``    SIGSTOP the leader's Patroni and PostgreSQL processes (longer than
                       the leader key's ttl), then SIGCONT: the old leader must not
                       accept a write after a new one was elected.
+* ``region-partition`` cut the leader's region off from the other regions (iptables DROP
+                      both ways inside its network namespace; netns deployments only),
+                      then heal. Everything in it keeps running and the clients (root
+                      namespace, like GeoDNS) still reach its edge: its etcd member
+                      loses quorum, its Patroni demotes PostgreSQL (no DCS), and its
+                      commits could not have been acknowledged meanwhile because the
+                      synchronous standby is on the other side. The other two regions
+                      elect a new leader; writes reach it when the global entry and
+                      the edges retry in the next region (see docs/runbook.md).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from regions import local, replication
 from regions.topology import Topology
 from regions.workload import Workload, longest_gap, outage_after
 
-DRILLS = ("db-leader-kill", "region-kill", "leader-pause")
+DRILLS = ("db-leader-kill", "region-kill", "leader-pause", "region-partition")
 ACCOUNTS = 4
 OPENING_BALANCE = 1_000_000
 
@@ -152,6 +161,12 @@ class Fault:
         self.state = state
         self.region = region
         self._paused: list[int] = []
+        self._network = local.read_network(state)
+        if name == "region-partition" and self._network is None:
+            raise DrillError(
+                "region-partition needs regions in network namespaces: run "
+                "`MESHBANK_NETNS=1 meshbank up --detach` as root (regions/netns.py)"
+            )
 
     def start(self) -> None:
         if self.name == "db-leader-kill":
@@ -172,6 +187,8 @@ class Fault:
             for pid in self._paused:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
+        elif self.name == "region-partition" and self._network is not None:
+            self._network.partition(self.region)
         else:
             raise DrillError(f"unknown drill {self.name!r}; known: {', '.join(DRILLS)}")
 
@@ -180,6 +197,8 @@ class Fault:
             for pid in self._paused:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+        elif self.name == "region-partition" and self._network is not None:
+            self._network.heal(self.region)
         else:
             local.restore_region(self.state, self.region)
 
@@ -248,6 +267,7 @@ def run(
     leader = replication.leader(topology)
     if leader is None:
         raise DrillError("the database has no leader right now")
+    fault = Fault(name, state, leader)  # refuses before the drill opens any account
     secret = local.load_secrets(state)
     # Clients sit in the leader's region: the worst case, their edge and their
     # region's services and database member all go down together in region-kill.
@@ -259,7 +279,6 @@ def run(
     log(f"{tag}: {ACCOUNTS} accounts opened; leader is {leader}")
 
     workload = Workload(address, token, accounts)
-    fault = Fault(name, state, leader)
     t0 = time.monotonic()
     workload.start()
     time.sleep(warmup)
