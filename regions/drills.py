@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -73,6 +74,12 @@ class DrillResult:
     fault_at_s: float = 0.0
     fault_lifted_at_s: float = 0.0
     clients_in: str | None = None
+    # Seen from the root namespace by polling every member's /primary during the drill:
+    # the old leader's last "I am the primary" after the fault, the first answer of
+    # another member, and whether two members ever claimed to be primary in one round.
+    old_leader_primary_until_s: float | None = None
+    new_leader_after_s: float | None = None
+    primaries_overlap: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -85,6 +92,8 @@ class DrillResult:
         data = asdict(self)
         for key in ("write_outage_s", "read_outage_s", "fault_at_s", "fault_lifted_at_s"):
             data[key] = round(data[key], 3) if data[key] != float("inf") else None
+        for key in ("old_leader_primary_until_s", "new_leader_after_s"):
+            data[key] = None if data[key] is None else round(data[key], 3)
         return data
 
 
@@ -203,6 +212,40 @@ class Fault:
             local.restore_region(self.state, self.region)
 
 
+class LeaderWatch:
+    """Polls every member's Patroni ``/primary`` (4 rounds a second) from the fault on."""
+
+    def __init__(self, topology: Topology, old_leader: str, fault_at: float) -> None:
+        self.topology = topology
+        self.old_leader = old_leader
+        self.fault_at = fault_at
+        self.old_primary_until: float | None = None
+        self.new_leader_after: float | None = None
+        self.overlap = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic() - self.fault_at
+            primaries = [
+                r for r in self.topology.region_names if replication.is_primary(self.topology, r)
+            ]
+            if self.old_leader in primaries and self.new_leader_after is None:
+                self.old_primary_until = now
+            if any(r != self.old_leader for r in primaries) and self.new_leader_after is None:
+                self.new_leader_after = now
+            self.overlap = self.overlap or len(primaries) > 1
+            self._stop.wait(0.25)
+
+
 def _audit(url: str, accounts: list[str], workload: Workload) -> tuple[int, int, bool, list[str]]:
     """(lost, duplicated, conserved, notes) from the ledger itself."""
     notes = []
@@ -284,6 +327,8 @@ def run(
     time.sleep(warmup)
     fault_at = time.monotonic()
     log(f"injecting {name} on {leader}")
+    watch = LeaderWatch(topology, leader, fault_at)
+    watch.start()
     try:
         fault.start()
         time.sleep(hold)
@@ -296,6 +341,7 @@ def run(
         time.sleep(0.5)
     time.sleep(settle)
     workload.stop()
+    watch.stop()
     end = time.monotonic()
 
     restored = False
@@ -338,6 +384,9 @@ def run(
         leader_after=replication.leader(topology),
         fault_at_s=fault_at - t0,
         fault_lifted_at_s=lifted_at - t0,
+        old_leader_primary_until_s=watch.old_primary_until,
+        new_leader_after_s=watch.new_leader_after,
+        primaries_overlap=watch.overlap,
         notes=notes,
     )
 

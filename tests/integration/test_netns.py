@@ -94,14 +94,3 @@ def test_a_second_network_takes_another_slot(network: netns.RegionNetwork) -> No
             clash.create()
     finally:
         clash.destroy()
-
-
-def test_names_and_addresses_are_checked() -> None:
-    with pytest.raises(netns.NetnsError, match="prefix"):
-        netns.RegionNetwork("far-too-long", ("a",))
-    with pytest.raises(netns.NetnsError, match="slot"):
-        netns.RegionNetwork("mb", ("a",), slot=16)
-    net = netns.RegionNetwork("mb", ("a", "b"), slot=3)
-    assert net.host("b") == "10.213.50.2"
-    assert net.network == "10.213.48.0/20"
-    assert net.root_address == "10.213.48.1"
