@@ -129,7 +129,15 @@ def test_regions_run_in_their_own_namespaces(netns_deployment: Deployment) -> No
 
 def test_partition_drill_loses_and_duplicates_nothing(netns_deployment: Deployment) -> None:
     out = netns_deployment.meshbank(
-        "drill", "region-partition", "--json", "--hold", "9", timeout=400
+        "drill",
+        "region-partition",
+        "--json",
+        "--hold",
+        "9",
+        # A demoted, rewound old leader restarts PostgreSQL twice: slow on a busy machine.
+        "--restore-timeout",
+        "300",
+        timeout=600,
     )
     assert out.stdout, out.stderr
     result = json.loads(out.stdout)
