@@ -37,10 +37,14 @@ def _ip_netns_works() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(
-    not _ip_netns_works(),
-    reason="the region-partition drill needs root, iproute2 (`ip netns`) and iptables",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not _ip_netns_works(),
+        reason="the region-partition drill needs root, iproute2 (`ip netns`) and iptables",
+    ),
+    # The first test also brings the deployment up (minutes on a loaded shared machine).
+    pytest.mark.timeout(900),
+]
 
 
 def _namespaces() -> list[str]:
