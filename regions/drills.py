@@ -49,6 +49,10 @@ from regions.workload import Workload, longest_gap, outage_after
 
 DRILLS = ("db-leader-kill", "region-kill", "leader-pause", "region-partition")
 ACCOUNTS = 4
+NEEDS_NETNS = (
+    "region-partition needs regions in network namespaces: run "
+    "`MESHBANK_NETNS=1 meshbank up --detach` as root (regions/netns.py)"
+)
 OPENING_BALANCE = 1_000_000
 
 
@@ -172,10 +176,7 @@ class Fault:
         self._paused: list[int] = []
         self._network = local.read_network(state)
         if name == "region-partition" and self._network is None:
-            raise DrillError(
-                "region-partition needs regions in network namespaces: run "
-                "`MESHBANK_NETNS=1 meshbank up --detach` as root (regions/netns.py)"
-            )
+            raise DrillError(NEEDS_NETNS)
 
     def start(self) -> None:
         if self.name == "db-leader-kill":
@@ -307,10 +308,12 @@ def run(
     status = local.read_status(state)
     if not status or status.get("phase") != "running":
         raise DrillError("meshbank is not running: start it with `meshbank up --detach`")
+    if name == "region-partition" and local.read_network(state) is None:
+        raise DrillError(NEEDS_NETNS)
     leader = replication.leader(topology)
     if leader is None:
         raise DrillError("the database has no leader right now")
-    fault = Fault(name, state, leader)  # refuses before the drill opens any account
+    fault = Fault(name, state, leader)
     secret = local.load_secrets(state)
     # Clients sit in the leader's region: the worst case, their edge and their
     # region's services and database member all go down together in region-kill.
