@@ -73,7 +73,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     state = local.state_dir()
     if args.detach:
-        status = local.start_detached(state)
+        status = local.start_detached(state, timeout=args.timeout)
         from services.seed import print_quickstart
 
         print_quickstart(state, status)
@@ -251,6 +251,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("up", help="start PostgreSQL and the services under a supervisor")
     s.add_argument("--detach", action="store_true", help="return once everything is healthy")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="with --detach: seconds to wait for everything to be healthy",
+    )
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("down", help="stop everything `up` started")

@@ -43,7 +43,7 @@ pytestmark = [
         reason="the region-partition drill needs root, iproute2 (`ip netns`) and iptables",
     ),
     # The first test also brings the deployment up (minutes on a loaded shared machine).
-    pytest.mark.timeout(900),
+    pytest.mark.timeout(1200),
 ]
 
 
@@ -90,7 +90,7 @@ def netns_deployment() -> Iterator[Deployment]:
     deployment = Deployment(env, state, "")
     prefix = local.network_prefix(state.resolve())
     try:
-        up = deployment.meshbank("up", "--detach", timeout=400)
+        up = deployment.meshbank("up", "--detach", "--timeout", "600", timeout=660)
         assert up.returncode == 0, up.stdout + up.stderr
         deployment.up_output = up.stdout
         yield deployment
