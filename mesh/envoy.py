@@ -225,7 +225,7 @@ def _locality_cluster(
         by_zone: dict[str, list[Config]] = {}
         for zone, port in endpoints.get(region, []):
             by_zone.setdefault(zone, []).append(
-                {"endpoint": {"address": _address(topology.host, port)}}
+                {"endpoint": {"address": _address(topology.host_of(region), port)}}
             )
         for zone, lb_endpoints in sorted(by_zone.items()):
             localities.append(
@@ -381,7 +381,7 @@ def _database_cluster(
     localities: list[Config] = []
     for priority, other in enumerate(topology.region(region).preference):
         endpoint: Config = {
-            "address": _address(topology.host, topology.database_port(other)),
+            "address": _address(topology.host_of(other), topology.database_port(other)),
             "health_check_config": {"port_value": topology.patroni_port(other)},
         }
         localities.append(
@@ -422,7 +422,7 @@ def _database_cluster(
 
 
 def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
-    host = topology.host
+    host = topology.host_of(instance.region)
     stem = f"{instance.region}-{instance.service}"
     config = _bootstrap(
         instance.name, f"{instance.region}/{instance.service}", instance.admin_port, host
@@ -501,7 +501,7 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
 
 
 def edge(topology: Topology, region: str, paths: Paths) -> Config:
-    host = topology.host
+    host = topology.host_of(region)
     own = f"{region}-edge"
     config = _bootstrap(f"{region}-edge", f"{region}/edge", topology.edge_admin_port(region), host)
     clusters = []

@@ -13,6 +13,15 @@ Faults (all on the region that holds the database leader, the worst case):
 * ``leader-pause``    SIGSTOP the leader's Patroni and PostgreSQL processes (longer than
                       the leader key's ttl), then SIGCONT: the old leader must not
                       accept a write after a new one was elected.
+* ``region-partition`` cut the leader's region off from the other regions (iptables DROP
+                      both ways inside its network namespace; netns deployments only),
+                      then heal. Everything in it keeps running and the clients (root
+                      namespace, like GeoDNS) still reach its edge: its etcd member
+                      loses quorum, its Patroni demotes PostgreSQL (no DCS), and its
+                      commits could not have been acknowledged meanwhile because the
+                      synchronous standby is on the other side. The other two regions
+                      elect a new leader; writes reach it when the global entry and
+                      the edges retry in the next region (see docs/runbook.md).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -37,8 +47,12 @@ from regions import local, replication
 from regions.topology import Topology
 from regions.workload import Workload, longest_gap, outage_after
 
-DRILLS = ("db-leader-kill", "region-kill", "leader-pause")
+DRILLS = ("db-leader-kill", "region-kill", "leader-pause", "region-partition")
 ACCOUNTS = 4
+NEEDS_NETNS = (
+    "region-partition needs regions in network namespaces: run "
+    "`MESHBANK_NETNS=1 meshbank up --detach` as root (regions/netns.py)"
+)
 OPENING_BALANCE = 1_000_000
 
 
@@ -64,6 +78,12 @@ class DrillResult:
     fault_at_s: float = 0.0
     fault_lifted_at_s: float = 0.0
     clients_in: str | None = None
+    # Seen from the root namespace by polling every member's /primary during the drill:
+    # the old leader's last "I am the primary" after the fault, the first answer of
+    # another member, and whether two members ever claimed to be primary in one round.
+    old_leader_primary_until_s: float | None = None
+    new_leader_after_s: float | None = None
+    primaries_overlap: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -76,6 +96,8 @@ class DrillResult:
         data = asdict(self)
         for key in ("write_outage_s", "read_outage_s", "fault_at_s", "fault_lifted_at_s"):
             data[key] = round(data[key], 3) if data[key] != float("inf") else None
+        for key in ("old_leader_primary_until_s", "new_leader_after_s"):
+            data[key] = None if data[key] is None else round(data[key], 3)
         return data
 
 
@@ -152,6 +174,9 @@ class Fault:
         self.state = state
         self.region = region
         self._paused: list[int] = []
+        self._network = local.read_network(state)
+        if name == "region-partition" and self._network is None:
+            raise DrillError(NEEDS_NETNS)
 
     def start(self) -> None:
         if self.name == "db-leader-kill":
@@ -172,6 +197,8 @@ class Fault:
             for pid in self._paused:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
+        elif self.name == "region-partition" and self._network is not None:
+            self._network.partition(self.region)
         else:
             raise DrillError(f"unknown drill {self.name!r}; known: {', '.join(DRILLS)}")
 
@@ -180,8 +207,44 @@ class Fault:
             for pid in self._paused:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+        elif self.name == "region-partition" and self._network is not None:
+            self._network.heal(self.region)
         else:
             local.restore_region(self.state, self.region)
+
+
+class LeaderWatch:
+    """Polls every member's Patroni ``/primary`` (4 rounds a second) from the fault on."""
+
+    def __init__(self, topology: Topology, old_leader: str, fault_at: float) -> None:
+        self.topology = topology
+        self.old_leader = old_leader
+        self.fault_at = fault_at
+        self.old_primary_until: float | None = None
+        self.new_leader_after: float | None = None
+        self.overlap = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic() - self.fault_at
+            primaries = [
+                r for r in self.topology.region_names if replication.is_primary(self.topology, r)
+            ]
+            if self.old_leader in primaries and self.new_leader_after is None:
+                self.old_primary_until = now
+            if any(r != self.old_leader for r in primaries) and self.new_leader_after is None:
+                self.new_leader_after = now
+            self.overlap = self.overlap or len(primaries) > 1
+            self._stop.wait(0.25)
 
 
 def _audit(url: str, accounts: list[str], workload: Workload) -> tuple[int, int, bool, list[str]]:
@@ -245,9 +308,12 @@ def run(
     status = local.read_status(state)
     if not status or status.get("phase") != "running":
         raise DrillError("meshbank is not running: start it with `meshbank up --detach`")
+    if name == "region-partition" and local.read_network(state) is None:
+        raise DrillError(NEEDS_NETNS)
     leader = replication.leader(topology)
     if leader is None:
         raise DrillError("the database has no leader right now")
+    fault = Fault(name, state, leader)
     secret = local.load_secrets(state)
     # Clients sit in the leader's region: the worst case, their edge and their
     # region's services and database member all go down together in region-kill.
@@ -259,12 +325,13 @@ def run(
     log(f"{tag}: {ACCOUNTS} accounts opened; leader is {leader}")
 
     workload = Workload(address, token, accounts)
-    fault = Fault(name, state, leader)
     t0 = time.monotonic()
     workload.start()
     time.sleep(warmup)
     fault_at = time.monotonic()
     log(f"injecting {name} on {leader}")
+    watch = LeaderWatch(topology, leader, fault_at)
+    watch.start()
     try:
         fault.start()
         time.sleep(hold)
@@ -277,6 +344,7 @@ def run(
         time.sleep(0.5)
     time.sleep(settle)
     workload.stop()
+    watch.stop()
     end = time.monotonic()
 
     restored = False
@@ -319,6 +387,9 @@ def run(
         leader_after=replication.leader(topology),
         fault_at_s=fault_at - t0,
         fault_lifted_at_s=lifted_at - t0,
+        old_leader_primary_until_s=watch.old_primary_until,
+        new_leader_after_s=watch.new_leader_after,
+        primaries_overlap=watch.overlap,
         notes=notes,
     )
 

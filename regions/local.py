@@ -19,12 +19,19 @@ reverse order. Everything it knows is in the state folder:
     state/logs/          one log per process
     state/db/REGION/     each member's Patroni config and PostgreSQL data (kept across up/down)
     state/etcd/REGION/   each etcd member's data
+    state/network.json   the region network namespaces, in netns mode (MESHBANK_NETNS=1)
+
+In netns mode (root only; for the region-partition drill) every region's processes run
+in a network namespace of their own (``regions/netns.py``) on the region's address
+(``Topology.host_of``); the global entry, the supervisor and the operator's commands
+stay in the root namespace, where clients and GeoDNS would be.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +53,7 @@ import grpc
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from regions import cockroach, migrate, replication
+from regions import cockroach, migrate, netns, replication
 from regions import topology as topo
 
 log = logging.getLogger(__name__)
@@ -58,12 +65,13 @@ class LocalError(RuntimeError):
     """The local deployment cannot be started or reached."""
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("MESHBANK_STATE_DIR", Path.cwd() / ".meshbank")).resolve()
+def state_dir(env: Mapping[str, str] = os.environ) -> Path:
+    return Path(env.get("MESHBANK_STATE_DIR", Path.cwd() / ".meshbank")).resolve()
 
 
 def load_topology(env: Mapping[str, str] = os.environ) -> topo.Topology:
-    """The topology, with every port shifted to start at MESHBANK_BASE_PORT if that is set."""
+    """The topology, with every port shifted to start at MESHBANK_BASE_PORT if that is set,
+    and each region on its namespace's address while a netns deployment runs."""
     topology = topo.load(env.get("MESHBANK_TOPOLOGY"))
     raw = env.get("MESHBANK_BASE_PORT")
     if raw:
@@ -71,7 +79,46 @@ def load_topology(env: Mapping[str, str] = os.environ) -> topo.Topology:
             raise LocalError(f"MESHBANK_BASE_PORT={raw!r} must be a number between 1024 and 60000")
         topology = topo.with_port_base(topology, int(raw))
     _outside_ephemeral_range(topology)
+    network = read_network(state_dir(env))
+    if network is not None and network.regions == topology.region_names:
+        topology = with_network(topology, network)
     return topology
+
+
+# -- netns mode (MESHBANK_NETNS=1): each region in its own network namespace ---------------
+
+
+def netns_requested(env: Mapping[str, str] = os.environ) -> bool:
+    raw = env.get("MESHBANK_NETNS", "")
+    if raw not in ("", "0", "1"):
+        raise LocalError(f"MESHBANK_NETNS={raw!r} must be 1 (regions in namespaces) or 0")
+    return raw == "1"
+
+
+def network_prefix(state: Path) -> str:
+    """Interface and namespace names unique to this state folder (parallel deployments)."""
+    return "mb" + hashlib.sha256(str(state).encode()).hexdigest()[:6]
+
+
+def read_network(state: Path) -> netns.RegionNetwork | None:
+    """The namespaces of the deployment in ``state``, while it has (or left) any."""
+    path = state / "network.json"
+    if not path.exists():
+        return None
+    return netns.RegionNetwork.from_dict(json.loads(path.read_text()))
+
+
+def with_network(topology: topo.Topology, network: netns.RegionNetwork) -> topo.Topology:
+    return topo.with_region_hosts(topology, network.hosts(), network.network)
+
+
+def destroy_network(state: Path) -> None:
+    """Remove the namespaces, veths and bridge (and their iptables rules) of ``state``."""
+    network = read_network(state)
+    if network is not None:
+        log.info("removing the region namespaces %s-*", network.prefix)
+        network.destroy()
+        (state / "network.json").unlink(missing_ok=True)
 
 
 def _outside_ephemeral_range(topology: topo.Topology) -> None:
@@ -125,10 +172,14 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def database_url(
-    topology: topo.Topology, port: int, secret: Mapping[str, str], database: str = "meshbank"
+    topology: topo.Topology,
+    port: int,
+    secret: Mapping[str, str],
+    database: str = "meshbank",
+    host: str | None = None,
 ) -> str:
     password = secret["database_password"]
-    return f"postgresql+psycopg://meshbank:{password}@{topology.host}:{port}/{database}"
+    return f"postgresql+psycopg://meshbank:{password}@{host or topology.host}:{port}/{database}"
 
 
 def primary_url(state: Path, topology: topo.Topology, timeout: float = 30.0) -> str:
@@ -137,7 +188,12 @@ def primary_url(state: Path, topology: topo.Topology, timeout: float = 30.0) -> 
     while True:
         region = replication.leader(topology)
         if region is not None:
-            return database_url(topology, topology.database_port(region), load_secrets(state))
+            return database_url(
+                topology,
+                topology.database_port(region),
+                load_secrets(state),
+                host=topology.host_of(region),
+            )
         if time.monotonic() > deadline:
             raise LocalError("no database leader: is `meshbank up` running?")
         time.sleep(0.5)
@@ -280,8 +336,20 @@ class Supervisor:
         from mesh.pki import LocalCA
 
         self.state = state
-        self.topology = topology
         self.secrets = load_secrets(state)
+        # A namespace network left by a crashed supervisor of this state folder goes
+        # first; its addresses must not outlive it in the topology either.
+        destroy_network(state)
+        topology = topo.with_region_hosts(topology, {}, None)
+        self.network: netns.RegionNetwork | None = None
+        if netns_requested():
+            if not netns.available():
+                raise LocalError("MESHBANK_NETNS=1 needs root, iproute2 and iptables")
+            if cockroach.binary():
+                raise LocalError("MESHBANK_NETNS=1 runs the PostgreSQL deployment only")
+            self.network = netns.allocate(network_prefix(state), topology.region_names)
+            topology = with_network(topology, self.network)
+        self.topology = topology
         for sub in ("logs", "mesh", "db", "etcd"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         (state / "db").chmod(0o755)
@@ -307,6 +375,12 @@ class Supervisor:
 
         return check
 
+    def _in_region(self, region: str, argv: list[str]) -> list[str]:
+        """``argv`` run inside the region's namespace in netns mode (as is otherwise)."""
+        if self.network is None or region not in self.network.regions:
+            return argv
+        return [*self.network.exec_prefix(region), *argv]
+
     def _envoy(self, region: str, role: str, service: str, name: str, admin: int) -> Child:
         config = self.state / "mesh" / f"{name}.yaml"
         argv = [
@@ -323,23 +397,25 @@ class Supervisor:
             "--parent-shutdown-time-s",
             "3",
         ]
+        host = self.topology.host if role == "global" else self.topology.host_of(region)
         return Child(
             region,
             role,
             service,
             name,
-            argv,
+            self._in_region(region, argv),
             dict(os.environ),
             self.state / "logs" / f"{name}.log",
-            lambda: envoy_ready(f"{self.topology.host}:{admin}"),
+            lambda: envoy_ready(f"{host}:{admin}"),
         )
 
-    def database_url(self, port: int, database: str = "meshbank") -> str:
-        """A URL for the database behind ``port`` (a member or a sidecar's outbound)."""
+    def database_url(self, port: int, database: str = "meshbank", region: str = "") -> str:
+        """A URL for the database behind ``port`` (a member or a sidecar's outbound) in
+        ``region`` (any region's host unless netns mode)."""
+        host = self.topology.host_of(region)
         if self.engine == "cockroachdb":
-            host = self.topology.host
             return f"cockroachdb+psycopg://root@{host}:{port}/{database}?sslmode=disable"
-        return database_url(self.topology, port, self.secrets, database)
+        return database_url(self.topology, port, self.secrets, database, host=host)
 
     def _postgres_members(self) -> list[Child]:
         """Per region an etcd member and a Patroni member running PostgreSQL."""
@@ -350,15 +426,19 @@ class Supervisor:
                 "etcd",
                 "etcd",
                 f"{region}-etcd",
-                replication.etcd_argv(t, region, self.state / "etcd" / region),
+                self._in_region(
+                    region, replication.etcd_argv(t, region, self.state / "etcd" / region)
+                ),
                 dict(os.environ),
                 self.state / "logs" / f"{region}-etcd.log",
-                functools.partial(etcd_healthy, f"{t.host}:{t.etcd_client_port(region)}"),
+                functools.partial(
+                    etcd_healthy, f"{t.host_of(region)}:{t.etcd_client_port(region)}"
+                ),
             )
             for region in t.region_names
         ]
         for region in t.region_names:
-            argv = replication.patroni_argv(self.state / "db", region)
+            argv = self._in_region(region, replication.patroni_argv(self.state / "db", region))
             children.append(
                 Child(
                     region,
@@ -368,7 +448,9 @@ class Supervisor:
                     argv,
                     {k: v for k, v in os.environ.items() if not k.startswith("MESHBANK_")},
                     self.state / "logs" / f"{region}-db.log",
-                    functools.partial(replication.patroni_up, t.patroni_port(region)),
+                    functools.partial(
+                        replication.patroni_up, t.host_of(region), t.patroni_port(region)
+                    ),
                 )
             )
         return children
@@ -405,9 +487,9 @@ class Supervisor:
             env.update(
                 # Through the sidecar: writes to whichever member is the primary, reads
                 # that accept staleness from the region's own member.
-                MESHBANK_DATABASE_URL=self.database_url(i.db_primary_port),
-                MESHBANK_DATABASE_READ_URL=self.database_url(i.db_replica_port),
-                MESHBANK_LISTEN_ADDRESS=f"{t.host}:{i.service_port}",
+                MESHBANK_DATABASE_URL=self.database_url(i.db_primary_port, region=i.region),
+                MESHBANK_DATABASE_READ_URL=self.database_url(i.db_replica_port, region=i.region),
+                MESHBANK_LISTEN_ADDRESS=f"{t.host_of(i.region)}:{i.service_port}",
                 MESHBANK_INSTANCE_ID=i.name,
                 MESHBANK_REGION=i.region,
                 MESHBANK_ZONE=i.zone,
@@ -422,10 +504,12 @@ class Supervisor:
                     "service",
                     i.service,
                     i.name,
-                    [sys.executable, "-m", "services.cli", "serve", i.service],
+                    self._in_region(
+                        i.region, [sys.executable, "-m", "services.cli", "serve", i.service]
+                    ),
                     env,
                     self.state / "logs" / f"{i.name}.log",
-                    self._grpc_check(f"{t.host}:{i.service_port}"),
+                    self._grpc_check(f"{t.host_of(i.region)}:{i.service_port}"),
                 )
             )
             children.append(
@@ -478,6 +562,10 @@ class Supervisor:
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         try:
             self._write_status(phase="starting")
+            if self.network is not None:
+                # Recorded first, so `meshbank down` removes it even after a crash.
+                _write_private(self.state / "network.json", json.dumps(self.network.as_dict()))
+                self.network.create()
             self.prepare()
             for child in self.children:
                 if child.role in ("etcd", "db"):
@@ -506,6 +594,7 @@ class Supervisor:
             raise
         finally:
             self.shutdown()
+            destroy_network(self.state)
             pid_file.unlink(missing_ok=True)
             self._write_status(phase="stopped")
 
@@ -518,10 +607,7 @@ class Supervisor:
             if not child.alive:
                 child.healthy = False
         regions = self.topology.region_names if self.engine == "postgres" else ()
-        primaries = [
-            self._pool.submit(replication.is_primary, self.topology.patroni_port(r))
-            for r in regions
-        ]
+        primaries = [self._pool.submit(replication.is_primary, self.topology, r) for r in regions]
         results = self._pool.map(lambda c: c.check(), alive)
         for child, healthy in zip(alive, results, strict=True):
             child.healthy = healthy
@@ -545,7 +631,9 @@ class Supervisor:
                     child.poll(held=False)
             time.sleep(0.5)
         port = self.topology.database_port(region)
-        admin = sa.create_engine(self.database_url(port, "postgres"), isolation_level="AUTOCOMMIT")
+        admin = sa.create_engine(
+            self.database_url(port, "postgres", region), isolation_level="AUTOCOMMIT"
+        )
         try:
             with admin.connect() as conn:
                 exists = conn.execute(
@@ -555,7 +643,7 @@ class Supervisor:
                     conn.execute(sa.text("CREATE DATABASE meshbank"))
         finally:
             admin.dispose()
-        migrate.upgrade(self.database_url(port))
+        migrate.upgrade(self.database_url(port, region=region))
 
     def shutdown(self) -> None:
         """Entry first, then edges, sidecars and services, then the database, then etcd."""
@@ -580,9 +668,9 @@ class Supervisor:
             "global_rest": f"{t.host}:{t.global_port(location)}",
             "default_location": location,
             "global": {r: f"{t.host}:{t.global_port(r)}" for r in t.region_names},
-            "edges": {r: f"{t.host}:{t.edge_port(r)}" for r in t.region_names},
-            "database": {r: f"{t.host}:{t.database_port(r)}" for r in t.region_names},
-            "patroni": {r: f"{t.host}:{t.patroni_port(r)}" for r in t.region_names},
+            "edges": {r: f"{t.host_of(r)}:{t.edge_port(r)}" for r in t.region_names},
+            "database": {r: f"{t.host_of(r)}:{t.database_port(r)}" for r in t.region_names},
+            "patroni": {r: f"{t.host_of(r)}:{t.patroni_port(r)}" for r in t.region_names},
         }
 
     def _write_status(self, phase: str) -> bool:
@@ -698,6 +786,7 @@ def kill_leftovers(state: Path) -> None:
         if pid and pid_alive(pid) and _ours(pid):
             log.warning("killing leftover %s (pid %d)", name, pid)
             os.kill(pid, signal.SIGKILL)
+    destroy_network(state)
 
 
 def kill_region(state: Path, region: str, roles: list[str]) -> list[str]:

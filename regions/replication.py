@@ -43,10 +43,12 @@ def etcd_binary() -> str:
 
 
 def etcd_argv(topology: Topology, region: str, data_dir: Path) -> list[str]:
-    host = topology.host
     cluster = ",".join(
-        f"{r}=http://{host}:{topology.etcd_peer_port(r)}" for r in topology.region_names
+        f"{r}=http://{topology.host_of(r)}:{topology.etcd_peer_port(r)}"
+        for r in topology.region_names
     )
+    client = f"http://{topology.host_of(region)}:{topology.etcd_client_port(region)}"
+    peer = f"http://{topology.host_of(region)}:{topology.etcd_peer_port(region)}"
     return [
         etcd_binary(),
         "--name",
@@ -54,13 +56,13 @@ def etcd_argv(topology: Topology, region: str, data_dir: Path) -> list[str]:
         "--data-dir",
         str(data_dir),
         "--listen-client-urls",
-        f"http://{host}:{topology.etcd_client_port(region)}",
+        client,
         "--advertise-client-urls",
-        f"http://{host}:{topology.etcd_client_port(region)}",
+        client,
         "--listen-peer-urls",
-        f"http://{host}:{topology.etcd_peer_port(region)}",
+        peer,
         "--initial-advertise-peer-urls",
-        f"http://{host}:{topology.etcd_peer_port(region)}",
+        peer,
         "--initial-cluster",
         cluster,
         "--initial-cluster-token",
@@ -83,7 +85,14 @@ def etcd_argv(topology: Topology, region: str, data_dir: Path) -> list[str]:
 def patroni_config(
     topology: Topology, region: str, member_dir: Path, secret: Mapping[str, str]
 ) -> dict[str, Any]:
-    host = topology.host
+    host = topology.host_of(region)
+    # Who may connect: the members (replication, pg_rewind), and the services'
+    # sidecars and the operator, which sit on the same host or, in netns mode, in the
+    # deployment's network (regions and the root namespace).
+    clients = sorted(
+        {f"{topology.host}/32", *(f"{topology.host_of(r)}/32" for r in topology.region_names)}
+        | ({topology.region_network} if topology.region_network else set())
+    )
     return {
         "scope": SCOPE,
         "namespace": f"/{SCOPE}/",
@@ -94,7 +103,10 @@ def patroni_config(
             "connect_address": f"{host}:{topology.patroni_port(region)}",
         },
         "etcd3": {
-            "hosts": [f"{host}:{topology.etcd_client_port(r)}" for r in topology.region_names],
+            "hosts": [
+                f"{topology.host_of(r)}:{topology.etcd_client_port(r)}"
+                for r in topology.region_names
+            ],
             "protocol": "http",
         },
         "bootstrap": {
@@ -142,8 +154,8 @@ def patroni_config(
             },
             "pg_hba": [
                 "local all all trust",
-                f"host replication replicator {host}/32 scram-sha-256",
-                f"host all all {host}/32 scram-sha-256",
+                *(f"host replication replicator {net} scram-sha-256" for net in clients),
+                *(f"host all all {net} scram-sha-256" for net in clients),
             ],
             "parameters": {
                 "unix_socket_directories": str(member_dir),
@@ -194,28 +206,33 @@ def patroni_get(
         return 0, None
 
 
-def patroni_up(port: int) -> bool:
+def patroni_up(host: str, port: int) -> bool:
     """Patroni answers and its PostgreSQL is running (``/health``); a busy machine gets 2 s."""
-    return patroni_get(port, "/health", timeout=2.0)[0] == 200
+    return patroni_get(port, "/health", host=host, timeout=2.0)[0] == 200
 
 
 def cluster_state(topology: Topology) -> dict[str, Any] | None:
     """Patroni's view of the cluster (members, roles, lag), from the first member that answers."""
     for region in topology.region_names:
-        code, body = patroni_get(topology.patroni_port(region), "/cluster")
+        code, body = patroni_get(
+            topology.patroni_port(region), "/cluster", host=topology.host_of(region)
+        )
         if code == 200 and isinstance(body, dict):
             return body
     return None
 
 
-def is_primary(port: int) -> bool:
+def is_primary(topology: Topology, region: str) -> bool:
     """Patroni's own answer: 200 on ``/primary`` only on the leader."""
-    return patroni_get(port, "/primary")[0] == 200
+    return (
+        patroni_get(topology.patroni_port(region), "/primary", host=topology.host_of(region))[0]
+        == 200
+    )
 
 
 def leader(topology: Topology) -> str | None:
     """The region whose member is the primary, according to the members themselves."""
-    return next((r for r in topology.region_names if is_primary(topology.patroni_port(r))), None)
+    return next((r for r in topology.region_names if is_primary(topology, r)), None)
 
 
 def replication_healthy(topology: Topology) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,15 @@ class Topology:
     ports: Mapping[str, int]
     default_location: str
     host: str = "127.0.0.1"
+    # Per-region addresses when regions live in their own network namespaces
+    # (``regions/netns.py``); a region not listed listens on ``host`` like before.
+    region_hosts: Mapping[str, str] = field(default_factory=dict)
+    # The network that region hosts and the root namespace share (pg_hba allows it).
+    region_network: str | None = None
+
+    def host_of(self, region: str) -> str:
+        """Where ``region``'s processes listen and are reached (``host`` unless netns)."""
+        return self.region_hosts.get(region, self.host)
 
     def region(self, name: str) -> Region:
         return next(r for r in self.regions if r.name == name)
@@ -275,11 +284,17 @@ def load(path: Path | str | None = None) -> Topology:
 def with_port_base(topology: Topology, base: int) -> Topology:
     """The same topology with every port shifted so the plan starts at ``base`` (tests)."""
     offset = base - min(topology.ports.values())
-    shifted = Topology(
-        topology.regions,
-        topology.replicas,
-        {k: v + offset for k, v in topology.ports.items()},
-        topology.default_location,
-    )
+    shifted = replace(topology, ports={k: v + offset for k, v in topology.ports.items()})
     shifted.all_ports()
     return shifted
+
+
+def with_region_hosts(
+    topology: Topology, hosts: Mapping[str, str], network: str | None
+) -> Topology:
+    """The same topology with each region on its own address inside ``network``
+    (``{}, None``: every region back on ``host``)."""
+    unknown = sorted(set(hosts) - set(topology.region_names))
+    if unknown:
+        raise TopologyError(f"addresses given for unknown regions {unknown}")
+    return replace(topology, region_hosts=dict(hosts), region_network=network)

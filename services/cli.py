@@ -73,7 +73,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     state = local.state_dir()
     if args.detach:
-        status = local.start_detached(state)
+        status = local.start_detached(state, timeout=args.timeout)
         from services.seed import print_quickstart
 
         print_quickstart(state, status)
@@ -136,7 +136,12 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
     try:
         result = drills.run(
-            args.name, local.state_dir(), local.load_topology(), hold=args.hold, log=progress
+            args.name,
+            local.state_dir(),
+            local.load_topology(),
+            hold=args.hold,
+            restore_timeout=args.restore_timeout,
+            log=progress,
         )
     except drills.DrillError as exc:
         print(f"meshbank drill: {exc}", file=sys.stderr)
@@ -246,6 +251,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("up", help="start PostgreSQL and the services under a supervisor")
     s.add_argument("--detach", action="store_true", help="return once everything is healthy")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="with --detach: seconds to wait for everything to be healthy",
+    )
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("down", help="stop everything `up` started")
@@ -288,6 +299,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name", choices=DRILLS)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--hold", type=float, default=12.0, help="seconds the fault lasts")
+    s.add_argument(
+        "--restore-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait after the fault for health and replication to be whole",
+    )
     s.set_defaults(func=cmd_drill)
 
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="sub", required=True)

@@ -4,8 +4,9 @@ Why a helper of our own (DESIGN.md, "Data layer"): ``sqlalchemy_cockroachdb.run_
 retries inside one transaction through a savepoint, which fails on PostgreSQL
 SERIALIZABLE, and retries forever without backoff. This helper instead re-runs the
 *whole* transaction (a new BEGIN on a fresh pooled connection) on serialization
-failures (40001), deadlocks (40P01), a read-only standby after a failover (25006) and
-lost connections, a bounded number of times with exponential backoff and full jitter.
+failures (40001), deadlocks (40P01), a read-only standby after a failover (25006, or
+0A000 for SERIALIZABLE on a hot standby) and lost connections, a bounded number of
+times with exponential backoff and full jitter.
 It is right for both PostgreSQL and CockroachDB, whose retry error is also 40001.
 
 Two rules keep acknowledged writes safe:
@@ -126,6 +127,11 @@ def is_retryable(exc: BaseException) -> bool:
     if sqlstate is None:
         # psycopg reports a dropped connection as OperationalError without a SQLSTATE.
         return isinstance(exc, sa.exc.OperationalError)
+    if sqlstate == "0A000":
+        # "cannot use serializable mode in a hot standby": the write path reached a
+        # member that was just demoted (a partitioned old leader) before the sidecar's
+        # health check moved on; like 25006, a new connection finds the primary.
+        return "hot standby" in str(exc.orig)
     if sqlstate == "23505":
         diag = getattr(exc.orig, "diag", None)
         return getattr(diag, "constraint_name", None) in RETRYABLE_UNIQUE_CONSTRAINTS

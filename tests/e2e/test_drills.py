@@ -28,3 +28,12 @@ def test_drill_loses_and_duplicates_nothing(deployment: Deployment, drill: str) 
     assert all(p["healthy"] for p in status["processes"]), [
         p["name"] for p in status["processes"] if not p["healthy"]
     ]
+
+
+def test_partition_drill_is_refused_without_network_namespaces(deployment: Deployment) -> None:
+    before = deployment.status()
+    out = deployment.meshbank("drill", "region-partition", "--json", timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "MESHBANK_NETNS=1" in out.stderr
+    assert out.stdout == ""
+    assert deployment.status()["database_leader"] == before["database_leader"]

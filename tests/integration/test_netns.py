@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def network() -> Iterator[netns.RegionNetwork]:
-    net = netns.RegionNetwork(f"mt{secrets.token_hex(2)}", ("us-east", "us-west", "eu-west"))
+    net = netns.allocate(f"mt{secrets.token_hex(2)}", ("us-east", "us-west", "eu-west"))
     try:
         net.create()
         yield net
@@ -62,10 +62,12 @@ def test_partition_cuts_a_region_off_from_the_others_only(network: netns.RegionN
             time.sleep(0.2)
         assert reachable(network, "us-west", "us-east", port)
         network.partition("us-east")
+        assert len(network.rules("us-east")) == 4  # in and out, for each other region
         assert not reachable(network, "us-west", "us-east", port)
         assert not reachable(network, "eu-west", "us-east", port)
         assert reachable(network, None, "us-east", port)  # the root namespace (clients) still can
         network.heal("us-east")
+        assert network.rules("us-east") == []
         assert reachable(network, "eu-west", "us-east", port)
     finally:
         server.kill()
@@ -80,3 +82,15 @@ def test_destroy_leaves_nothing(network: netns.RegionNetwork) -> None:
     assert network.prefix not in names
     links = subprocess.run(["ip", "link"], capture_output=True, text=True, check=True).stdout
     assert network.bridge not in links
+
+
+def test_a_second_network_takes_another_slot(network: netns.RegionNetwork) -> None:
+    other = netns.allocate(f"mt{secrets.token_hex(2)}", network.regions)
+    assert other.slot != network.slot
+    assert not set(other.hosts().values()) & set(network.hosts().values())
+    clash = netns.RegionNetwork(f"mt{secrets.token_hex(2)}", network.regions, network.slot)
+    try:
+        with pytest.raises(netns.NetnsError, match="already on another bridge"):
+            clash.create()
+    finally:
+        clash.destroy()
