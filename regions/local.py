@@ -19,6 +19,7 @@ reverse order. Everything it knows is in the state folder:
     state/logs/          one log per process
     state/db/REGION/     each member's Patroni config and PostgreSQL data (kept across up/down)
     state/etcd/REGION/   each etcd member's data
+    state/phoenix/       the tracing UI's data (Phoenix, SQLite; kept across up/down)
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ import grpc
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from regions import cockroach, migrate, replication
+from regions import cockroach, migrate, replication, tracing
 from regions import topology as topo
 
 log = logging.getLogger(__name__)
 
-ROLES = ("etcd", "db", "service", "sidecar", "edge", "global")
+ROLES = ("etcd", "db", "service", "sidecar", "edge", "global", "tracing")
 
 
 class LocalError(RuntimeError):
@@ -282,7 +283,7 @@ class Supervisor:
         self.state = state
         self.topology = topology
         self.secrets = load_secrets(state)
-        for sub in ("logs", "mesh", "db", "etcd"):
+        for sub in ("logs", "mesh", "db", "etcd", "phoenix"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         (state / "db").chmod(0o755)
         # CockroachDB where a binary exists (production's database), else PostgreSQL
@@ -413,6 +414,7 @@ class Supervisor:
                 MESHBANK_ZONE=i.zone,
                 MESHBANK_DB_POOL_SIZE="4",
                 MESHBANK_GRPC_WORKERS="8",
+                **tracing.service_env(t),
             )
             if i.service == "auth":
                 env["MESHBANK_KEY_PASSPHRASE"] = self.secrets["key_passphrase"]
@@ -438,7 +440,26 @@ class Supervisor:
         children.append(
             self._envoy("global", "global", "global", "global", t.ports["global_admin"])
         )
+        children.append(self._tracing_ui())
         return children
+
+    def _tracing_ui(self) -> Child:
+        """The tracing UI and trace collector (regions/tracing.py)."""
+        data = self.state / "phoenix"
+        try:
+            argv = tracing.phoenix_argv()
+        except FileNotFoundError as exc:
+            raise LocalError(str(exc)) from None
+        return Child(
+            "global",
+            "tracing",
+            "phoenix",
+            "tracing-ui",
+            argv,
+            tracing.phoenix_env(self.topology, data, os.environ),
+            self.state / "logs" / "tracing-ui.log",
+            functools.partial(http_ok, tracing.health_url(self.topology)),
+        )
 
     def prepare(self) -> None:
         """Certificates and Envoy configs, regenerated from the topology on every start.
@@ -479,12 +500,14 @@ class Supervisor:
         try:
             self._write_status(phase="starting")
             self.prepare()
+            # The tracing UI boots (10-20 s) while the database elects its leader.
+            early = ("etcd", "db", "tracing")
             for child in self.children:
-                if child.role in ("etcd", "db"):
+                if child.role in early:
                     child.start()
             self._prepare_database()
             for child in self.children:
-                if child.role not in ("etcd", "db"):
+                if child.role not in early:
                     child.start()
             seeded = False
             while not self._stop.is_set():
@@ -583,6 +606,8 @@ class Supervisor:
             "edges": {r: f"{t.host}:{t.edge_port(r)}" for r in t.region_names},
             "database": {r: f"{t.host}:{t.database_port(r)}" for r in t.region_names},
             "patroni": {r: f"{t.host}:{t.patroni_port(r)}" for r in t.region_names},
+            "tracing_ui": tracing.ui_url(t),
+            "trace_collector": tracing.collector_endpoint(t),
         }
 
     def _write_status(self, phase: str) -> bool:
@@ -683,7 +708,7 @@ def _ours(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    words = (b"services.cli", b"envoy", b"postgres", b"patroni", b"etcd")
+    words = (b"services.cli", b"envoy", b"postgres", b"patroni", b"etcd", b"phoenix")
     return any(word in cmdline for word in words)
 
 
