@@ -41,6 +41,23 @@ TLS_SOCKET = "envoy.transport_sockets.tls"
 SAFE_RETRY_ON = "connect-failure,refused-stream,reset,unavailable,gateway-error"
 # For everything else only failures where the request never reached a server.
 UNSAFE_RETRY_ON = "connect-failure,refused-stream"
+# Every proxy exports its spans over OTLP/gRPC to the collector of the topology's port
+# plan (the tracing UI locally; an OpenTelemetry Collector in front of Jaeger/Tempo in
+# production listens on the same port).
+TRACING_CLUSTER = "opentelemetry_collector"
+# The tracer holds spans 5 s or until 5 have ended by default (DESIGN.md): a trace would
+# reach the UI seconds after the call, and a proxy that is killed loses what it held.
+TRACING_RUNTIME = {
+    "tracing.opentelemetry.flush_interval_ms": 250,
+    "tracing.opentelemetry.min_flush_spans": 1,
+}
+# Health checks are not traced: the proxies' own probes every second would bury the
+# requests' traces (the services skip grpc.health.v1.Health on their side too).
+NOT_TRACED: Config = {
+    "client_sampling": {"numerator": 0},
+    "random_sampling": {"numerator": 0},
+    "overall_sampling": {"numerator": 0},
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +92,10 @@ def _bootstrap(node_id: str, cluster: str, admin_port: int, host: str) -> Config
             "layers": [
                 {
                     "name": "static",
-                    "static_layer": {"overload.global_downstream_max_connections": 50000},
+                    "static_layer": {
+                        "overload.global_downstream_max_connections": 50000,
+                        **TRACING_RUNTIME,
+                    },
                 }
             ]
         },
@@ -157,6 +177,54 @@ def _hcm(stat_prefix: str, routes: Config, filters: list[Config], **extra: Any) 
             "stream_idle_timeout": "60s",
             "request_timeout": "60s",
             **extra,
+        },
+    }
+
+
+def _tracing(service_name: str, tags: dict[str, str]) -> Config:
+    """The HCM's OpenTelemetry tracer: W3C ``traceparent`` in and out, one span per
+    request named by the route's ``decorator``, exported to ``TRACING_CLUSTER``.
+
+    ``tags`` become attributes of every span: which proxy and region handled the
+    request, visible per span in any UI (Phoenix does not show resource attributes).
+    Envoy records no request headers unless asked, so ``authorization`` never appears.
+    """
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": TYPE_URL + "envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": TRACING_CLUSTER},
+                    "timeout": "1s",
+                },
+                "service_name": service_name,
+            },
+        },
+        "custom_tags": [{"tag": k, "literal": {"value": v}} for k, v in tags.items()],
+    }
+
+
+def _tracing_cluster(topology: Topology) -> Config:
+    return {
+        "name": TRACING_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "typed_extension_protocol_options": _http2(),
+        "circuit_breakers": _circuit_breakers(),
+        "load_assignment": {
+            "cluster_name": TRACING_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": _address(topology.host, topology.tracing_otlp_port)
+                            }
+                        }
+                    ]
+                }
+            ],
         },
     }
 
@@ -333,6 +401,16 @@ def _reflection_routes(cluster: str) -> list[Config]:
     ]
 
 
+def _healthz_route() -> Config:
+    """``/healthz`` (answered by the health_check filter before routing): untraced."""
+    return {
+        "name": "healthz",
+        "match": {"path": "/healthz"},
+        "direct_response": {"status": 200},
+        "tracing": NOT_TRACED,
+    }
+
+
 def _unknown_route() -> Config:
     return {
         "name": "unknown",
@@ -436,9 +514,26 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
                 "domains": ["*"],
                 "routes": [
                     {
+                        "name": "health",
+                        "match": {"prefix": "/grpc.health.v1.Health/"},
+                        "route": {"cluster": "local_service", "timeout": "30s"},
+                        "tracing": NOT_TRACED,
+                    },
+                    # One route per RPC only so that each span is named by its method.
+                    *(
+                        {
+                            "name": m.path,
+                            "match": {"path": m.path},
+                            "route": {"cluster": "local_service", "timeout": "30s"},
+                            "decorator": {"operation": m.path.lstrip("/")},
+                        }
+                        for m in api.methods()
+                        if m.service == instance.service
+                    ),
+                    {
                         "match": {"prefix": "/"},
                         "route": {"cluster": "local_service", "timeout": "30s"},
-                    }
+                    },
                 ],
                 "response_headers_to_add": [
                     {"header": {"key": "x-meshbank-served-by", "value": served_by}}
@@ -460,6 +555,15 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
                                 [],
                                 forward_client_cert_details="SANITIZE_SET",
                                 set_current_client_cert_details={"uri": True},
+                                tracing=_tracing(
+                                    f"meshbank-{instance.service}-sidecar",
+                                    {
+                                        "meshbank.proxy": "sidecar",
+                                        "meshbank.region": instance.region,
+                                        "meshbank.zone": instance.zone,
+                                        "meshbank.instance": instance.name,
+                                    },
+                                ),
                             )
                         ],
                         # Only the edges call services today; the list grows when
@@ -495,6 +599,7 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
             # Reads that accept staleness: the region's own member first (replica or
             # primary), then the others in failover order.
             _database_cluster("database_replica", topology, instance.region, False, paths.database),
+            _tracing_cluster(topology),
         ],
     }
     return config
@@ -561,6 +666,7 @@ def edge(topology: Topology, region: str, paths: Paths) -> Config:
                 "routes": [
                     *_method_routes({s: s for s in topology.services}),
                     *_reflection_routes(topology.services[0]),
+                    _healthz_route(),
                     _unknown_route(),
                 ],
                 "response_headers_to_add": [
@@ -575,11 +681,23 @@ def edge(topology: Topology, region: str, paths: Paths) -> Config:
                 "name": "edge",
                 "address": _address(host, topology.edge_port(region)),
                 "filter_chains": [
-                    {"filters": [_hcm(f"edge_{region}", routes, [health, transcoder])]}
+                    {
+                        "filters": [
+                            _hcm(
+                                f"edge_{region}",
+                                routes,
+                                [health, transcoder],
+                                tracing=_tracing(
+                                    "meshbank-edge",
+                                    {"meshbank.proxy": "edge", "meshbank.region": region},
+                                ),
+                            )
+                        ]
+                    }
                 ],
             }
         ],
-        "clusters": clusters,
+        "clusters": [*clusters, _tracing_cluster(topology)],
     }
     return config
 
@@ -622,7 +740,9 @@ def global_entry(topology: Topology) -> Config:
                         },
                     ],
                     "response_headers_to_add": [
-                        {"header": {"key": "x-meshbank-location", "value": location}}
+                        {"header": {"key": "x-meshbank-location", "value": location}},
+                        # The trace of this very request, to look up in the tracing UI.
+                        {"header": {"key": "x-meshbank-trace-id", "value": "%TRACE_ID%"}},
                     ],
                 }
             ],
@@ -631,9 +751,26 @@ def global_entry(topology: Topology) -> Config:
             {
                 "name": f"global_{location}",
                 "address": _address(host, topology.global_port(location)),
-                "filter_chains": [{"filters": [_hcm(f"global_{location}", routes, [])]}],
+                "filter_chains": [
+                    {
+                        "filters": [
+                            _hcm(
+                                f"global_{location}",
+                                routes,
+                                [],
+                                tracing=_tracing(
+                                    "meshbank-global-entry",
+                                    {"meshbank.proxy": "global", "meshbank.location": location},
+                                ),
+                                # The x-request-id the mesh logged, for support tickets.
+                                always_set_request_id_in_response=True,
+                            )
+                        ]
+                    }
+                ],
             }
         )
+    clusters.append(_tracing_cluster(topology))
     config["static_resources"] = {"listeners": listeners, "clusters": clusters}
     return config
 

@@ -136,8 +136,34 @@ def lint_transcoder(config: dict[str, Any]) -> list[str]:
     return problems
 
 
+def lint_tracing(config: dict[str, Any]) -> list[str]:
+    """The OpenTelemetry tracer holds spans 5 s or until 5 have ended unless its runtime
+    keys say otherwise (DESIGN.md), and it exports to a cluster that must exist."""
+    providers = [n for n in _walk(config) if n.get("name") == "envoy.tracers.opentelemetry"]
+    if not providers:
+        return []
+    problems = []
+    runtime: dict[str, Any] = {}
+    for layer in config.get("layered_runtime", {}).get("layers", []):
+        runtime.update(layer.get("static_layer", {}))
+    if runtime.get("tracing.opentelemetry.flush_interval_ms", 5000) > 1000:
+        problems.append(
+            "tracing: set runtime tracing.opentelemetry.flush_interval_ms (default 5 s "
+            "delays every span)"
+        )
+    if runtime.get("tracing.opentelemetry.min_flush_spans", 5) > 1:
+        problems.append("tracing: set runtime tracing.opentelemetry.min_flush_spans to 1")
+    clusters = {c.get("name") for c in config.get("static_resources", {}).get("clusters", [])}
+    for provider in providers:
+        grpc_service = provider.get("typed_config", {}).get("grpc_service", {})
+        target = grpc_service.get("envoy_grpc", {}).get("cluster_name")
+        if target not in clusters:
+            problems.append(f"tracing: exports to cluster {target!r}, which is not defined")
+    return problems
+
+
 def lint(config: dict[str, Any]) -> list[str]:
     """Every trap found in one Envoy bootstrap config."""
     clusters = config.get("static_resources", {}).get("clusters", [])
     problems = [p for c in clusters for p in lint_cluster(c)]
-    return problems + lint_routes(config) + lint_transcoder(config)
+    return problems + lint_routes(config) + lint_transcoder(config) + lint_tracing(config)

@@ -20,6 +20,7 @@ reverse order. Everything it knows is in the state folder:
     state/db/REGION/     each member's Patroni config and PostgreSQL data (kept across up/down)
     state/etcd/REGION/   each etcd member's data
     state/network.json   the region network namespaces, in netns mode (MESHBANK_NETNS=1)
+    state/phoenix/       the tracing UI's data (Phoenix, SQLite; kept across up/down)
 
 In netns mode (root only; for the region-partition drill) every region's processes run
 in a network namespace of their own (``regions/netns.py``) on the region's address
@@ -53,12 +54,12 @@ import grpc
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from regions import cockroach, migrate, netns, replication
+from regions import cockroach, migrate, netns, replication, tracing
 from regions import topology as topo
 
 log = logging.getLogger(__name__)
 
-ROLES = ("etcd", "db", "service", "sidecar", "edge", "global")
+ROLES = ("etcd", "db", "service", "sidecar", "edge", "global", "tracing")
 
 
 class LocalError(RuntimeError):
@@ -350,7 +351,7 @@ class Supervisor:
             self.network = netns.allocate(network_prefix(state), topology.region_names)
             topology = with_network(topology, self.network)
         self.topology = topology
-        for sub in ("logs", "mesh", "db", "etcd"):
+        for sub in ("logs", "mesh", "db", "etcd", "phoenix"):
             (state / sub).mkdir(parents=True, exist_ok=True)
         (state / "db").chmod(0o755)
         # CockroachDB where a binary exists (production's database), else PostgreSQL
@@ -495,6 +496,7 @@ class Supervisor:
                 MESHBANK_ZONE=i.zone,
                 MESHBANK_DB_POOL_SIZE="4",
                 MESHBANK_GRPC_WORKERS="8",
+                **tracing.service_env(t),
             )
             if i.service == "auth":
                 env["MESHBANK_KEY_PASSPHRASE"] = self.secrets["key_passphrase"]
@@ -522,7 +524,26 @@ class Supervisor:
         children.append(
             self._envoy("global", "global", "global", "global", t.ports["global_admin"])
         )
+        children.append(self._tracing_ui())
         return children
+
+    def _tracing_ui(self) -> Child:
+        """The tracing UI and trace collector (regions/tracing.py)."""
+        data = self.state / "phoenix"
+        try:
+            argv = tracing.phoenix_argv()
+        except FileNotFoundError as exc:
+            raise LocalError(str(exc)) from None
+        return Child(
+            "global",
+            "tracing",
+            "phoenix",
+            "tracing-ui",
+            argv,
+            tracing.phoenix_env(self.topology, data, os.environ),
+            self.state / "logs" / "tracing-ui.log",
+            functools.partial(http_ok, tracing.health_url(self.topology)),
+        )
 
     def prepare(self) -> None:
         """Certificates and Envoy configs, regenerated from the topology on every start.
@@ -567,12 +588,14 @@ class Supervisor:
                 _write_private(self.state / "network.json", json.dumps(self.network.as_dict()))
                 self.network.create()
             self.prepare()
+            # The tracing UI boots (10-20 s) while the database elects its leader.
+            early = ("etcd", "db", "tracing")
             for child in self.children:
-                if child.role in ("etcd", "db"):
+                if child.role in early:
                     child.start()
             self._prepare_database()
             for child in self.children:
-                if child.role not in ("etcd", "db"):
+                if child.role not in early:
                     child.start()
             seeded = False
             while not self._stop.is_set():
@@ -671,6 +694,8 @@ class Supervisor:
             "edges": {r: f"{t.host_of(r)}:{t.edge_port(r)}" for r in t.region_names},
             "database": {r: f"{t.host_of(r)}:{t.database_port(r)}" for r in t.region_names},
             "patroni": {r: f"{t.host_of(r)}:{t.patroni_port(r)}" for r in t.region_names},
+            "tracing_ui": tracing.ui_url(t),
+            "trace_collector": tracing.collector_endpoint(t),
         }
 
     def _write_status(self, phase: str) -> bool:
@@ -771,7 +796,7 @@ def _ours(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    words = (b"services.cli", b"envoy", b"postgres", b"patroni", b"etcd")
+    words = (b"services.cli", b"envoy", b"postgres", b"patroni", b"etcd", b"phoenix")
     return any(word in cmdline for word in words)
 
 

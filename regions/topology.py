@@ -137,10 +137,24 @@ class Topology:
     def etcd_peer_port(self, region: str) -> int:
         return self.ports["etcd_peer"] + self.region(region).index
 
+    @property
+    def tracing_ui_port(self) -> int:
+        """The tracing UI's HTTP port (Phoenix: UI, REST API and OTLP/HTTP)."""
+        return self.ports["tracing_ui"]
+
+    @property
+    def tracing_otlp_port(self) -> int:
+        """The trace collector's OTLP/gRPC port, where every Envoy and service exports."""
+        return self.ports["tracing_otlp"]
+
     def all_ports(self) -> dict[int, str]:
         """Every port the deployment binds, with what binds it (for clash checks)."""
         used: dict[int, str] = {}
-        claims: list[tuple[int, str]] = [(self.ports["global_admin"], "global entry admin")]
+        claims: list[tuple[int, str]] = [
+            (self.ports["global_admin"], "global entry admin"),
+            (self.tracing_ui_port, "tracing UI"),
+            (self.tracing_otlp_port, "trace collector (OTLP/gRPC)"),
+        ]
         for r in self.regions:
             claims += [
                 (self.global_port(r.name), f"global entry listener for {r.name}"),
@@ -245,6 +259,8 @@ def parse(data: Any, source: str = "<topology>") -> Topology:
         "etcd_client",
         "etcd_peer",
         "instances",
+        "tracing_ui",
+        "tracing_otlp",
     )
     for key in port_keys:
         value = ports_raw.get(key) if isinstance(ports_raw, dict) else None

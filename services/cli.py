@@ -9,9 +9,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from regions import local
 from regions.drills import DRILLS
+
+if TYPE_CHECKING:
+    from services.common.config import ServiceConfig
 
 log = logging.getLogger("meshbank")
 
@@ -21,6 +25,18 @@ def _setup_logging() -> None:
         level=os.environ.get("MESHBANK_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+    )
+
+
+def _setup_json_logging(service: str, config: ServiceConfig) -> None:
+    """Services log JSON lines (services/common/jsonlog.py); operator commands keep text."""
+    from services.common import jsonlog
+
+    jsonlog.configure(
+        service=service,
+        region=config.region,
+        instance=config.instance_id,
+        level=os.environ.get("MESHBANK_LOG_LEVEL", "INFO"),
     )
 
 
@@ -41,10 +57,20 @@ def _database_url() -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from services import app
     from services.common import config as config_mod
+    from services.common import telemetry
     from services.common.server import serve
 
     try:
         config = config_mod.load(needs_key_passphrase="auth" in args.services)
+        service = "+".join(sorted(args.services))
+        _setup_json_logging(service, config)
+        tracer_provider = telemetry.setup(
+            os.environ,
+            service=f"meshbank-{service}",
+            region=config.region,
+            zone=os.environ.get("MESHBANK_ZONE", ""),
+            instance_id=config.instance_id,
+        )
     except config_mod.ConfigError as exc:
         print(f"meshbank serve: {exc}", file=sys.stderr)
         return 2
@@ -59,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     finally:
         built.engine.dispose()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # exports the spans still buffered
     return 0
 
 

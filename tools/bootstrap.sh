@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything meshbank needs on a bare Debian bookworm machine, idempotently:
 # the Debian packages (PostgreSQL 15 server binaries, etcd 3.4), Patroni's own venv in
-# /opt/meshbank (Debian's python3, readable by the postgres user), a virtualenv in .venv
+# /opt/meshbank (Debian's python3, readable by the postgres user), the tracing UI's
+# (Phoenix) venv beside it, a virtualenv in .venv
 # and the exactly pinned Python packages. A second run with nothing changed takes ~1 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,19 @@ if [[ ! -f $PATRONI_VENV/.installed || $(cat "$PATRONI_VENV/.installed") != "$pa
     | { grep -v -E "Location 'file:|DEPRECATION|^ *$" || true; }
   chmod -R a+rX "$(dirname "$PATRONI_VENV")"
   echo "$patroni_want" > "$PATRONI_VENV/.installed"
+fi
+
+# The tracing UI (arize-phoenix) in its own venv: it pins its own OpenTelemetry,
+# SQLAlchemy and gRPC, which must not meet the services' pins in .venv.
+PHOENIX_VENV=${MESHBANK_PHOENIX_VENV:-/opt/meshbank/phoenix-venv}
+phoenix_want=$(sha256sum regions/phoenix-requirements.txt | cut -d' ' -f1)
+if [[ ! -f $PHOENIX_VENV/.installed || $(cat "$PHOENIX_VENV/.installed") != "$phoenix_want" ]]; then
+  echo "bootstrap: installing the tracing UI (Phoenix) into $PHOENIX_VENV (a few minutes)"
+  mkdir -p "$(dirname "$PHOENIX_VENV")"
+  /usr/bin/python3 -m venv "$PHOENIX_VENV"
+  "$PHOENIX_VENV/bin/pip" install -q --disable-pip-version-check -r regions/phoenix-requirements.txt 2>&1 \
+    | { grep -v -E "Location 'file:|DEPRECATION|^ *$" || true; }
+  echo "$phoenix_want" > "$PHOENIX_VENV/.installed"
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -34,7 +34,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from services.common import errors
+from services.common import errors, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def make_engine(
     )
     if engine.dialect.driver == "psycopg":
         event.listen(engine, "connect", _record_notices)
+    telemetry.instrument_engine(engine)  # a span per statement and COMMIT
     return engine
 
 

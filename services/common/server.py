@@ -22,6 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import telemetry
+
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +65,8 @@ def run_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        # A span per call (health checks excluded) under the caller's traceparent.
+        interceptors=telemetry.server_interceptors(),
         # A port clash must fail loudly instead of silently sharing the port with an
         # orphaned server (grpc-python enables SO_REUSEPORT by default).
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],

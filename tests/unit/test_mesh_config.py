@@ -161,3 +161,67 @@ def test_database_clusters_follow_patroni_or_any_ready_cockroach_node() -> None:
         assert c["health_checks"][0]["http_health_check"]["path"] == "/health?ready=1"
         nearest = min(c["load_assignment"]["endpoints"], key=lambda e: e["priority"])
         assert nearest["locality"]["region"] == "us-west"
+
+
+def _runtime(config: dict[str, Any]) -> dict[str, Any]:
+    layer: dict[str, Any] = config["layered_runtime"]["layers"][0]["static_layer"]
+    return layer
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: _runtime(c).pop("tracing.opentelemetry.flush_interval_ms"), "flush_interval"),
+        (lambda c: _runtime(c).pop("tracing.opentelemetry.min_flush_spans"), "min_flush_spans"),
+        (
+            lambda c: c["static_resources"]["clusters"].pop(),  # the collector cluster
+            "opentelemetry_collector",
+        ),
+    ],
+)
+def test_lint_catches_a_tracer_that_holds_or_loses_spans(
+    configs: dict[str, dict[str, Any]], mutate: Any, message: str
+) -> None:
+    config = copy.deepcopy(configs["us-east-edge.yaml"])
+    assert config["static_resources"]["clusters"][-1]["name"] == envoy.TRACING_CLUSTER
+    mutate(config)
+    assert any(message in p for p in lint.lint(config))
+
+
+@pytest.mark.parametrize(
+    "name", ["global.yaml", "us-east-edge.yaml", "us-east-transfer-1-sidecar.yaml"]
+)
+def test_every_proxy_traces_and_leaves_health_checks_out(
+    configs: dict[str, dict[str, Any]], name: str
+) -> None:
+    config = configs[name]
+    managers = [
+        f["typed_config"]
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        if f["name"] == "envoy.filters.network.http_connection_manager"
+    ]
+    assert managers
+    for hcm in managers:
+        provider = hcm["tracing"]["provider"]
+        assert provider["name"] == "envoy.tracers.opentelemetry"
+        assert provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == (
+            envoy.TRACING_CLUSTER
+        )
+        tags = {t["tag"] for t in hcm["tracing"]["custom_tags"]}
+        assert "meshbank.proxy" in tags
+        routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+        # Every route that reaches a method names its span.
+        for route in routes:
+            if route["match"].get("path", "").startswith("/meshbank."):
+                assert route["decorator"]["operation"] == route["match"]["path"][1:]
+        for route in routes:
+            match = route["match"]
+            if "Health" in match.get("prefix", "") or match.get("path") == "/healthz":
+                assert route["tracing"]["overall_sampling"] == {"numerator": 0}
+    collector = cluster(config, envoy.TRACING_CLUSTER)
+    endpoint = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["port_value"] == (
+        topology.load().tracing_otlp_port
+    )
