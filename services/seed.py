@@ -125,6 +125,7 @@ meshbank is up: {running} processes healthy in {regions} (state in {state}).
 {per_location}
   regional edges:
 {edges}
+  Prometheus (every process's metrics, the alert rules): {ep.get("prometheus", "-")}
 
 Demo user 'demo' (password {secret["demo_password"]}) owns Checking
 {secret["demo_checking"]} (funded with 1,000.00 USD) and Savings {secret["demo_savings"]}.
