@@ -63,6 +63,14 @@ def served() -> Iterator[tuple[ServiceMetrics, grpc.Channel]]:
         server.stop(0).wait()
 
 
+def unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
+    return channel.unary_unary(f"/{SERVICE}/{method}")  # bytes in, bytes out
+
+
+def streaming(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable[bytes, bytes]:
+    return channel.unary_stream(f"/{SERVICE}/Stream")
+
+
 def handled(metrics: ServiceMetrics, method: str, code: str, kind: str = "unary") -> float:
     labels = {"grpc_service": SERVICE, "grpc_method": method, "grpc_type": kind, "grpc_code": code}
     return metrics.registry.get_sample_value("grpc_server_handled_total", labels) or 0.0
@@ -73,14 +81,14 @@ def test_red_metrics_count_every_call_by_method_and_code(
 ) -> None:
     metrics, channel = served
     for _ in range(3):
-        assert channel.unary_unary(f"/{SERVICE}/Ok")(b"hi", timeout=5) == b"hi"
+        assert unary(channel, "Ok")(b"hi", timeout=5) == b"hi"
     with pytest.raises(grpc.RpcError) as not_found:
-        channel.unary_unary(f"/{SERVICE}/NotFound")(b"x", timeout=5)
+        unary(channel, "NotFound")(b"x", timeout=5)
     assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as crash:
-        channel.unary_unary(f"/{SERVICE}/Crash")(b"x", timeout=5)
+        unary(channel, "Crash")(b"x", timeout=5)
     assert crash.value.code() == grpc.StatusCode.UNKNOWN
-    assert list(channel.unary_stream(f"/{SERVICE}/Stream")(b"s", timeout=5)) == [b"s"] * 3
+    assert list(streaming(channel)(b"s", timeout=5)) == [b"s"] * 3
 
     assert handled(metrics, "Ok", "OK") == 3
     assert handled(metrics, "NotFound", "NOT_FOUND") == 1
@@ -97,7 +105,7 @@ def test_unknown_methods_are_not_counted(served: tuple[ServiceMetrics, grpc.Chan
     """Method names come from clients: counting them would let anyone add time series."""
     metrics, channel = served
     with pytest.raises(grpc.RpcError) as exc:
-        channel.unary_unary(f"/{SERVICE}/NoSuchMethod")(b"x", timeout=5)
+        unary(channel, "NoSuchMethod")(b"x", timeout=5)
     assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
     exposed = {s.labels.get("grpc_method") for m in metrics.registry.collect() for s in m.samples}
     assert "NoSuchMethod" not in exposed
