@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine
 
 from services.common import db
 from services.common.config import ConfigError
+from services.common.metrics import serve_registry
 from services.ledger import invariants
 
 log = logging.getLogger("meshbank.auditor")
@@ -197,8 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = auditor.check_once()
             print(report.summary())
             return 0 if report.ok else 1
-        from services.common.metrics import serve_registry
-
         assert config.metrics_address is not None
         server = serve_registry(registry, config.metrics_address)
         stop = threading.Event()
