@@ -21,6 +21,7 @@ reverse order. Everything it knows is in the state folder:
     state/etcd/REGION/   each etcd member's data
     state/network.json   the region network namespaces, in netns mode (MESHBANK_NETNS=1)
     state/phoenix/       the tracing UI's data (Phoenix, SQLite; kept across up/down)
+    state/prometheus/    the generated prometheus.yml, the alert rules, its data (2 days)
 
 In netns mode (root only; for the region-partition drill) every region's processes run
 in a network namespace of their own (``regions/netns.py``) on the region's address
@@ -55,6 +56,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from regions import cockroach, migrate, netns, replication, tracing
+from regions import prometheus as prom
 from regions import topology as topo
 
 log = logging.getLogger(__name__)
@@ -497,6 +499,7 @@ class Supervisor:
                 MESHBANK_DB_POOL_SIZE="4",
                 MESHBANK_GRPC_WORKERS="8",
                 **tracing.service_env(t),
+                MESHBANK_METRICS_ADDRESS=f"{t.host_of(i.region)}:{i.metrics_port}",
             )
             if i.service == "auth":
                 env["MESHBANK_KEY_PASSPHRASE"] = self.secrets["key_passphrase"]
@@ -525,6 +528,7 @@ class Supervisor:
             self._envoy("global", "global", "global", "global", t.ports["global_admin"])
         )
         children.append(self._tracing_ui())
+        children += self._observability()
         return children
 
     def _tracing_ui(self) -> Child:
@@ -544,6 +548,51 @@ class Supervisor:
             self.state / "logs" / "tracing-ui.log",
             functools.partial(http_ok, tracing.health_url(self.topology)),
         )
+
+    def _auditor_url(self) -> str:
+        """Every member, standbys first: the invariant scan stays off the primary and
+        follows a failover (libpq tries the hosts in turn)."""
+        t = self.topology
+        if self.engine == "cockroachdb":
+            return self.database_url(t.database_port(t.region_names[0]))
+        hosts = "&".join(f"host={t.host_of(r)}:{t.database_port(r)}" for r in t.region_names)
+        password = self.secrets["database_password"]
+        return (
+            f"postgresql+psycopg://meshbank:{password}@/meshbank?{hosts}"
+            "&target_session_attrs=prefer-standby&connect_timeout=2"
+        )
+
+    def _observability(self) -> list[Child]:
+        """Prometheus, scraping every process, and the ledger auditor it watches."""
+        t = self.topology
+        auditor_env = dict(
+            os.environ,
+            MESHBANK_DATABASE_URL=self._auditor_url(),
+            MESHBANK_METRICS_ADDRESS=f"{t.host}:{t.auditor_port()}",
+        )
+        auditor_env.setdefault("MESHBANK_AUDIT_INTERVAL_SECONDS", "15")
+        return [
+            Child(
+                "global",
+                "auditor",
+                "auditor",
+                "auditor",
+                [sys.executable, "-m", "services.auditor"],
+                auditor_env,
+                self.state / "logs" / "auditor.log",
+                functools.partial(http_ok, f"http://{t.host}:{t.auditor_port()}/metrics"),
+            ),
+            Child(
+                "global",
+                "prometheus",
+                "prometheus",
+                "prometheus",
+                prom.argv(t, self.state / "prometheus"),
+                dict(os.environ),
+                self.state / "logs" / "prometheus.log",
+                functools.partial(http_ok, f"{prom.url(t)}/-/ready"),
+            ),
+        ]
 
     def prepare(self) -> None:
         """Certificates and Envoy configs, regenerated from the topology on every start.
@@ -573,6 +622,7 @@ class Supervisor:
         for identity in envoy_config.identities(self.topology):
             self._ca.issue(identity)
         envoy_config.write(self.topology, self._paths, self.state / "mesh")
+        prom.write(self.topology, self.state / "prometheus", self.engine)
 
     # -- running -----------------------------------------------------------------------
 
@@ -671,7 +721,7 @@ class Supervisor:
     def shutdown(self) -> None:
         """Entry first, then edges, sidecars and services, then the database, then etcd."""
         log.info("stopping every process")
-        order = ["global", "edge", "sidecar", "service", "db", "etcd"]
+        order = ["prometheus", "auditor", "global", "edge", "sidecar", "service", "db", "etcd"]
         for role in order:
             group = [c for c in self.children if c.role == role]
             for child in group:
@@ -696,6 +746,7 @@ class Supervisor:
             "patroni": {r: f"{t.host_of(r)}:{t.patroni_port(r)}" for r in t.region_names},
             "tracing_ui": tracing.ui_url(t),
             "trace_collector": tracing.collector_endpoint(t),
+            "prometheus": prom.url(t),
         }
 
     def _write_status(self, phase: str) -> bool:
@@ -796,7 +847,8 @@ def _ours(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    words = (b"services.cli", b"envoy", b"postgres", b"patroni", b"etcd", b"phoenix")
+    words: tuple[bytes, ...] = (b"services.cli", b"envoy", b"postgres", b"patroni", b"etcd")
+    words += (b"phoenix", b"services.auditor", b"prometheus")
     return any(word in cmdline for word in words)
 
 

@@ -18,7 +18,7 @@ import yaml
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topology.yaml"
 SERVICE_NAMES = ("auth", "account", "transfer")
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-PORTS_PER_INSTANCE = 5
+PORTS_PER_INSTANCE = 6
 
 
 class TopologyError(ValueError):
@@ -51,6 +51,7 @@ class Instance:
     db_primary_port: int
     db_replica_port: int
     admin_port: int
+    metrics_port: int  # the service's Prometheus /metrics
 
     @property
     def name(self) -> str:
@@ -113,6 +114,7 @@ class Topology:
                         db_primary_port=base + 2,
                         db_replica_port=base + 3,
                         admin_port=base + 4,
+                        metrics_port=base + 5,
                     )
                     n += 1
 
@@ -146,6 +148,12 @@ class Topology:
     def tracing_otlp_port(self) -> int:
         """The trace collector's OTLP/gRPC port, where every Envoy and service exports."""
         return self.ports["tracing_otlp"]
+    def prometheus_port(self) -> int:
+        return self.ports["prometheus"]
+
+    def auditor_port(self) -> int:
+        """The ledger auditor's /metrics (the invariant check's results)."""
+        return self.ports["auditor"]
 
     def all_ports(self) -> dict[int, str]:
         """Every port the deployment binds, with what binds it (for clash checks)."""
@@ -155,6 +163,7 @@ class Topology:
             (self.tracing_ui_port, "tracing UI"),
             (self.tracing_otlp_port, "trace collector (OTLP/gRPC)"),
         ]
+        claims += [(self.prometheus_port(), "Prometheus"), (self.auditor_port(), "ledger auditor")]
         for r in self.regions:
             claims += [
                 (self.global_port(r.name), f"global entry listener for {r.name}"),
@@ -172,6 +181,7 @@ class Topology:
                 (i.db_primary_port, f"{i.name} sidecar database primary outbound"),
                 (i.db_replica_port, f"{i.name} sidecar database replica outbound"),
                 (i.admin_port, f"{i.name} sidecar admin"),
+                (i.metrics_port, f"{i.name} service metrics"),
             ]
         problems = []
         for port, what in claims:
@@ -261,6 +271,8 @@ def parse(data: Any, source: str = "<topology>") -> Topology:
         "instances",
         "tracing_ui",
         "tracing_otlp",
+        "prometheus",
+        "auditor",
     )
     for key in port_keys:
         value = ports_raw.get(key) if isinstance(ports_raw, dict) else None

@@ -22,6 +22,7 @@ from services.auth.servicer import AuthServicer
 from services.auth.tokens import CachingKeySource, TokenIssuer, TokenVerifier
 from services.common.config import ServiceConfig
 from services.common.db import RetryPolicy, make_engine
+from services.common.metrics import ServiceMetrics
 from services.common.server import Registration
 from services.ledger import sql as ledger_sql
 from services.ledger.handlers import LedgerService
@@ -42,6 +43,7 @@ class Built:
 
     registrations: list[Registration]
     engine: Engine
+    metrics: ServiceMetrics
 
 
 def build_with_engine(
@@ -49,7 +51,9 @@ def build_with_engine(
     services: Iterable[str],
     engine: Engine,
     read_engine: Engine | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> Built:
+    metrics = metrics or ServiceMetrics()
     wanted = set(services)
     unknown = wanted - {"account", "transfer", "auth"}
     if unknown:
@@ -60,18 +64,19 @@ def build_with_engine(
         CachingKeySource(lambda: auth_sql.load_public_keys(engine)),
     )
     ledger = LedgerService(
-        ledger_sql.transaction_runner(engine),
+        ledger_sql.transaction_runner(engine, on_retry=metrics.observe_retry),
         # A replica that fails is skipped at once (the read falls back to the primary).
         read_replica=ledger_sql.transaction_runner(read_engine, policy=REPLICA_POLICY)
         if read_engine is not None
         else None,
         # Accounts opened here live in this region; unset, the topology's default.
         region=config.region or load_topology().default_location,
+        events=metrics,
     )
     registrations: list[Registration] = []
     if "auth" in wanted:
         auth = AuthService(
-            auth_sql.transaction_runner(engine),
+            auth_sql.transaction_runner(engine, on_retry=metrics.observe_retry),
             TokenIssuer(config.token_issuer, config.token_audience),
             Passwords(),
             key_passphrase=config.key_passphrase,
@@ -100,7 +105,7 @@ def build_with_engine(
                 transfer_pb2_grpc.add_TransferServiceServicer_to_server,
             )
         )
-    return Built(registrations, engine)
+    return Built(registrations, engine, metrics)
 
 
 def build(config: ServiceConfig, services: Iterable[str]) -> Built:

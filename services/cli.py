@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"meshbank serve: {exc}", file=sys.stderr)
         return 2
     built = app.build(config, set(args.services))
+    metrics_server = built.metrics.serve(config.metrics_address) if config.metrics_address else None
     try:
         serve(
             built.registrations,
@@ -82,8 +83,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             workers=config.grpc_workers,
             grace=config.shutdown_grace_seconds,
             reflect=app.API_SERVICES,
+            interceptors=[built.metrics.interceptor()],
         )
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         built.engine.dispose()
         if tracer_provider is not None:
             tracer_provider.shutdown()  # exports the spans still buffered

@@ -126,6 +126,7 @@ meshbank is up: {running} processes healthy in {regions} (state in {state}).
   regional edges:
 {edges}
   tracing UI (every request is one trace): {ep.get("tracing_ui", "-")}
+  Prometheus (every process's metrics, the alert rules): {ep.get("prometheus", "-")}
 
 Demo user 'demo' (password {secret["demo_password"]}) owns Checking
 {secret["demo_checking"]} (funded with 1,000.00 USD) and Savings {secret["demo_savings"]}.

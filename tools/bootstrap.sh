@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(postgresql-15 postgresql-client-15 etcd-server python3-venv util-linux procps iproute2 iptables)
+# Prometheus (and promtool, which checks and unit-tests the alert rules in `make test`).
+APT_PACKAGES+=(prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

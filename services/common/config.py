@@ -28,6 +28,8 @@ class ServiceConfig:
     shutdown_grace_seconds: float
     instance_id: str
     region: str = ""
+    # Where /metrics is served (host:port); None serves none (tests, one-off commands).
+    metrics_address: str | None = None
 
 
 def _int(
@@ -43,6 +45,15 @@ def _int(
         return default
     if not lo <= value <= hi:
         problems.append(f"{name}={value} must be between {lo} and {hi}")
+    return value
+
+
+def _metrics_address(env: Mapping[str, str], problems: list[str]) -> str | None:
+    value = env.get("MESHBANK_METRICS_ADDRESS") or None
+    if value is not None:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            problems.append(f"MESHBANK_METRICS_ADDRESS={value!r} must be host:port (port 0 = any)")
     return value
 
 
@@ -95,6 +106,7 @@ def load(
         shutdown_grace_seconds=_int(env, "MESHBANK_SHUTDOWN_GRACE_SECONDS", 10, problems, 0, 300),
         instance_id=env.get("MESHBANK_INSTANCE_ID", f"{os.uname().nodename}-{os.getpid()}"),
         region=env.get("MESHBANK_REGION", ""),
+        metrics_address=_metrics_address(env, problems),
     )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

@@ -139,6 +139,43 @@ def is_retryable(exc: BaseException) -> bool:
     return sqlstate in RETRYABLE_SQLSTATES or sqlstate.startswith("08")
 
 
+@dataclass(frozen=True)
+class RetryCause:
+    """Why a transaction is re-run, for the retry metrics.
+
+    ``sqlstate_class`` is the SQLSTATE's two-character class ("40" serialization or
+    deadlock, "25" read-only, "57" shutdown, "08" connection, ...), ``"none"`` for a
+    lost connection the driver reports without one, ``"ambiguous_commit"`` for a commit
+    that was only local. ``reconnect`` is set when the next attempt needs another
+    connection, and usually another server: the signs of a database failover.
+    """
+
+    sqlstate_class: str
+    reconnect: str | None
+
+
+# SQLSTATEs that mean the server went away or is not the primary any more.
+_FAILOVER_SQLSTATES = {
+    "25006": "read_only_standby",
+    "57P01": "server_shutdown",
+    "57P02": "server_shutdown",
+    "57P03": "server_starting",
+}
+
+
+def retry_cause(exc: BaseException) -> RetryCause:
+    """Classify a retryable error (see ``is_retryable``) for counting."""
+    if isinstance(exc, AmbiguousCommitError):
+        return RetryCause("ambiguous_commit", None)
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if sqlstate is None:
+        return RetryCause("none", "connection_lost")
+    if invalidated or sqlstate.startswith("08"):
+        return RetryCause(sqlstate[:2], "connection_lost")
+    return RetryCause(sqlstate[:2], _FAILOVER_SQLSTATES.get(sqlstate))
+
+
 DEFAULT_POLICY = RetryPolicy()
 
 # Called once per retry with the attempt number and the error; services count them.

@@ -57,6 +57,7 @@ def run_server(
     workers: int = 16,
     grace: float = 5.0,
     reflect: Sequence[str] = (),
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> Iterator[RunningServer]:
     """Serve ``registrations`` on ``address``; reflection also describes ``reflect``.
 
@@ -70,6 +71,7 @@ def run_server(
         # A port clash must fail loudly instead of silently sharing the port with an
         # orphaned server (grpc-python enables SO_REUSEPORT by default).
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
+        interceptors=list(interceptors),
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -100,6 +102,7 @@ def serve(
     workers: int,
     grace: float,
     reflect: Sequence[str] = (),
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     stop = threading.Event()
@@ -111,7 +114,12 @@ def serve(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with run_server(
-        registrations, address, workers=workers, grace=grace, reflect=reflect
+        registrations,
+        address,
+        workers=workers,
+        grace=grace,
+        reflect=reflect,
+        interceptors=interceptors,
     ) as running:
         log.info("serving %s on port %d", ", ".join(running.names), running.port)
         stop.wait()

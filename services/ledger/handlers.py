@@ -16,7 +16,13 @@ from typing import Generic, TypeVar
 from services.common import errors
 from services.common.principal import Principal, Scope
 from services.ledger.model import Account, AccountState, Transfer, post_transfer
-from services.ledger.ports import Cursor, LedgerUnitOfWork, TransactionRunner
+from services.ledger.ports import (
+    Cursor,
+    LedgerEvents,
+    LedgerUnitOfWork,
+    NoEvents,
+    TransactionRunner,
+)
 
 Clock = Callable[[], datetime]
 IdFactory = Callable[[], uuid.UUID]
@@ -88,8 +94,10 @@ class LedgerService:
         region: str = "",
         clock: Clock = lambda: datetime.now(UTC),
         new_id: IdFactory = uuid.uuid4,
+        events: LedgerEvents | None = None,
     ) -> None:
         self._run = run
+        self._events: LedgerEvents = events or NoEvents()
         self._read_replica = read_replica
         self._region = region
         self._clock = clock
@@ -113,6 +121,11 @@ class LedgerService:
         response = effect()
         uow.idempotency.put(principal.name, key.request_id, key.method, key.fingerprint, response)
         return Outcome(response, replayed=False)
+
+    def _replayed(self, key: RequestKey, outcome: Outcome) -> Outcome:
+        if outcome.replayed:
+            self._events.request_replayed(key.method)
+        return outcome
 
     # -- accounts --------------------------------------------------------------------
 
@@ -150,7 +163,7 @@ class LedgerService:
 
             return self._idempotent(uow, principal, key, effect)
 
-        return self._run(work)
+        return self._replayed(key, self._run(work))
 
     def get_account(
         self, principal: Principal, account_id: uuid.UUID, max_staleness: float | None = None
@@ -221,7 +234,7 @@ class LedgerService:
 
             return self._idempotent(uow, principal, key, effect)
 
-        return self._run(work)
+        return self._replayed(key, self._run(work))
 
     # -- transfers -------------------------------------------------------------------
 
@@ -273,7 +286,10 @@ class LedgerService:
 
             return self._idempotent(uow, principal, key, effect)
 
-        return self._run(work)
+        outcome = self._run(work)
+        if not outcome.replayed:
+            self._events.transfer_committed(cmd.currency_code, cmd.amount_minor)
+        return self._replayed(key, outcome)
 
     def get_transfer(self, principal: Principal, transfer_id: uuid.UUID) -> Transfer:
         principal.require(Scope.TRANSFERS_READ)

@@ -87,3 +87,27 @@ class LedgerUnitOfWork(Protocol):
 
 class TransactionRunner(Protocol):
     def __call__(self, work: Callable[[LedgerUnitOfWork], T], *, readonly: bool = False) -> T: ...
+
+
+class LedgerEvents(Protocol):
+    """What the use cases report once a transaction has committed (metrics, at the edge).
+
+    Called after the commit, never inside the transaction: a retried attempt is not
+    counted twice, and a rolled-back one not at all.
+    """
+
+    def transfer_committed(self, currency_code: str, amount_minor: int) -> None: ...
+
+    def request_replayed(self, method: str) -> None:
+        """A request_id seen before: the stored response was returned, nothing applied."""
+        ...
+
+
+class NoEvents:
+    """LedgerEvents that go nowhere (tests, operator commands)."""
+
+    def transfer_committed(self, currency_code: str, amount_minor: int) -> None:
+        del currency_code, amount_minor
+
+    def request_replayed(self, method: str) -> None:
+        del method

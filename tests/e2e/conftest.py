@@ -87,7 +87,8 @@ def deployment() -> Iterator[Deployment]:
     base_dir = Path(tempfile.mkdtemp(prefix="meshbank-e2e-"))
     base_dir.chmod(0o755)  # the postgres user must reach its data directory
     default = topology.load()
-    candidates = (random.randrange(22000, 32400, 200) for _ in range(100))
+    # Blocks 250 apart: one deployment's port plan spans about 210 ports.
+    candidates = (random.randrange(22000, 32400, 250) for _ in range(100))
     base = next(b for b in candidates if _block_free(topology.with_port_base(default, b)))
     env = dict(os.environ, MESHBANK_STATE_DIR=str(base_dir / "state"), MESHBANK_BASE_PORT=str(base))
     deployment = Deployment(env, base_dir / "state", "")

@@ -39,7 +39,7 @@ def test_default_topology_has_three_regions_with_two_replicas_each() -> None:
     }
     # Replicas spread across the region's zones.
     assert {i.zone for i in instances if i.region == "us-east"} == {"us-east-1a", "us-east-1b"}
-    assert len(t.all_ports()) == 5 * 18 + 3 * 7 + 1 + 2  # + tracing UI and OTLP
+    assert len(t.all_ports()) == 6 * 18 + 3 * 7 + 1 + 4  # + tracing UI, OTLP, Prometheus, auditor
 
 
 @pytest.mark.parametrize(
