@@ -148,6 +148,7 @@ class Topology:
     def tracing_otlp_port(self) -> int:
         """The trace collector's OTLP/gRPC port, where every Envoy and service exports."""
         return self.ports["tracing_otlp"]
+
     def prometheus_port(self) -> int:
         return self.ports["prometheus"]
 

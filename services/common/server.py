@@ -66,12 +66,12 @@ def run_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        # A span per call (health checks excluded) under the caller's traceparent.
-        interceptors=telemetry.server_interceptors(),
         # A port clash must fail loudly instead of silently sharing the port with an
         # orphaned server (grpc-python enables SO_REUSEPORT by default).
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
-        interceptors=list(interceptors),
+        # Outermost first: a span per call (health checks excluded) under the caller's
+        # traceparent, then the caller's own (RED metrics), timed inside the span.
+        interceptors=[*telemetry.server_interceptors(), *interceptors],
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
