@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 ROLES = ("etcd", "db", "service", "sidecar", "edge", "global", "tracing")
 
 
+# Seeding waits out a slow start (UNAVAILABLE / DEADLINE_EXCEEDED) this long at most.
+SEED_TIMEOUT = 240.0
+SEED_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 class LocalError(RuntimeError):
     """The local deployment cannot be started or reached."""
 
@@ -648,6 +653,7 @@ class Supervisor:
                 if child.role not in early:
                     child.start()
             seeded = False
+            seed_deadline = time.monotonic() + SEED_TIMEOUT
             while not self._stop.is_set():
                 held = read_control(self.state)
                 for child in self.children:
@@ -655,11 +661,9 @@ class Supervisor:
                 self._check_health()
                 healthy = self._write_status(phase="running" if seeded else "seeding")
                 if not seeded and healthy:
-                    from services.seed import seed_demo  # imported late: needs the stubs
-
-                    self.secrets = seed_demo(self.state, self.secrets, self.endpoints())
-                    seeded = True
-                    self._write_status(phase="running")
+                    seeded = self._seed(seed_deadline)
+                    if seeded:
+                        self._write_status(phase="running")
                 self._stop.wait(1.0)
         except Exception:
             log.exception("supervisor failed")
@@ -670,6 +674,25 @@ class Supervisor:
             destroy_network(self.state)
             pid_file.unlink(missing_ok=True)
             self._write_status(phase="stopped")
+
+    def _seed(self, deadline: float) -> bool:
+        """Seed the demo data through the global entry; False to try again next round.
+
+        Seeding is idempotent (fixed request_ids), so a call that times out or finds no
+        healthy upstream on a loaded machine (a slow first election, an edge still
+        warming up) is simply repeated, until ``deadline``; any other error is fatal.
+        """
+        from services.seed import seed_demo  # imported late: needs the stubs
+
+        try:
+            self.secrets = seed_demo(self.state, self.secrets, self.endpoints())
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code not in SEED_RETRYABLE or time.monotonic() > deadline:
+                raise
+            log.warning("seeding the demo data failed (%s); trying again", code)
+            return False
+        return True
 
     def _check_health(self) -> None:
         """Health-check every live process, and ask each member whether it is the

@@ -93,7 +93,7 @@ def deployment() -> Iterator[Deployment]:
     env = dict(os.environ, MESHBANK_STATE_DIR=str(base_dir / "state"), MESHBANK_BASE_PORT=str(base))
     deployment = Deployment(env, base_dir / "state", "")
     try:
-        up = deployment.meshbank("up", "--detach", timeout=300)
+        up = deployment.meshbank("up", "--detach", "--timeout", "420", timeout=480)
         assert up.returncode == 0, up.stdout + up.stderr
         deployment.up_output = up.stdout
         yield deployment
