@@ -316,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
     )
     s = region.add_parser("kill", help="SIGKILL a region's processes and keep them down")
     s.add_argument("region")
-    killable = ",".join(r for r in local.ROLES if r != "global")
+    killable = ",".join(r for r in local.ROLES if r not in ("global", "tracing"))
     s.add_argument(
         "--roles",
         default=killable,

@@ -20,7 +20,7 @@ from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.e2e.conftest import VENV_BIN, Deployment
 from tests.e2e.load import Load
 
-ROLES = {"etcd", "db", "service", "sidecar", "edge", "global"}
+ROLES = {"etcd", "db", "service", "sidecar", "edge", "global", "tracing"}
 
 
 def served_by(address: str) -> str:
