@@ -24,7 +24,7 @@ from regions import topology as topo
 
 OBSERVABILITY = Path(__file__).resolve().parent / "observability"
 RULES = OBSERVABILITY / "alerts.yml"
-RULE_TESTS = OBSERVABILITY / "alerts_test.yml"
+RULE_TESTS = (OBSERVABILITY / "alerts_test.yml", OBSERVABILITY / "alerts_slo_test.yml")
 # Local deployments are short-lived: keep two days, and never more than 1 GB.
 RETENTION_TIME = "2d"
 RETENTION_SIZE = "1GB"

@@ -111,8 +111,8 @@ def test_alert_rules_pass_promtool_check_rules() -> None:
 @needs_promtool
 def test_alert_rules_pass_their_promtool_unit_tests() -> None:
     result = subprocess.run(
-        [str(PROMTOOL), "test", "rules", prometheus.RULE_TESTS.name],
-        cwd=prometheus.RULE_TESTS.parent,
+        [str(PROMTOOL), "test", "rules", *(t.name for t in prometheus.RULE_TESTS)],
+        cwd=prometheus.OBSERVABILITY,
         capture_output=True,
         text=True,
         check=False,
@@ -126,8 +126,12 @@ def _alerts() -> list[str]:
 
 
 def test_every_alert_is_unit_tested_and_has_a_runbook_entry() -> None:
-    tests = yaml.safe_load(prometheus.RULE_TESTS.read_text())
-    cases = [c for t in tests["tests"] for c in t.get("alert_rule_test", [])]
+    cases = [
+        case
+        for path in prometheus.RULE_TESTS
+        for group in yaml.safe_load(path.read_text())["tests"]
+        for case in group.get("alert_rule_test", [])
+    ]
     fired = {c["alertname"] for c in cases if c.get("exp_alerts")}
     quiet = {c["alertname"] for c in cases if not c.get("exp_alerts")}
     runbook = (ROOT / "docs" / "runbook.md").read_text()
