@@ -286,7 +286,7 @@ def run(
         fault.stop()
     log("fault lifted; waiting for the region and replication to recover")
     deadline = time.monotonic() + restore_timeout
-    while time.monotonic() < deadline and not all_healthy(state):
+    while time.monotonic() < deadline and not _all_healthy(state):
         time.sleep(0.5)
     time.sleep(settle)
     workload.stop()
@@ -336,7 +336,7 @@ def run(
     )
 
 
-def all_healthy(state: Path) -> bool:
+def _all_healthy(state: Path) -> bool:
     status = local.read_status(state)
     return status is not None and all(p["healthy"] for p in status["processes"])
 
