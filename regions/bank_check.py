@@ -328,6 +328,9 @@ def run(
     elapsed = time.monotonic() - t0
 
     notes = []
+    failed = [f.kind for f in nem.records if f.error is not None]
+    if failed:
+        notes.append(f"{len(failed)} fault(s) could not be injected: {', '.join(failed)}")
     if not _wait(lambda: nemesis.recovered(state, topology), options.recovery_timeout):
         notes.append("the deployment was not fully healthy again before the ledger was read")
     if not _wait(lambda: replication.replication_healthy(topology), options.recovery_timeout):

@@ -86,10 +86,14 @@ def register(kind: FaultKind) -> FaultKind:
     return kind
 
 
-def leader_region(ctx: FaultContext) -> str:
-    region = replication.leader(ctx.topology)
-    if region is None:
-        raise NemesisError("the database has no leader right now")
+def leader_region(ctx: FaultContext, timeout: float = 30.0) -> str:
+    """The leader's region. Asked again for a while: on a busy machine a member's
+    Patroni can miss its 1 s answer even while the cluster is fine."""
+    deadline = time.monotonic() + timeout
+    while (region := replication.leader(ctx.topology)) is None:
+        if time.monotonic() > deadline:
+            raise NemesisError(f"the database has had no leader for {timeout:.0f} s")
+        time.sleep(0.5)
     return region
 
 

@@ -146,11 +146,20 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_check_bank(args: argparse.Namespace) -> int:
+    import signal
+
     from regions import bank_check, nemesis
 
     def progress(message: str) -> None:
         print(f"check bank: {message}", file=sys.stderr)
+
+    # SIGTERM like Ctrl-C: the check heals every fault it injected before it exits.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     try:
         options = bank_check.Options(
