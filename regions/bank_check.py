@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import sqlalchemy as sa
@@ -45,6 +45,7 @@ from regions.bank_checker import (
 )
 from regions.bank_clients import BankClients, TokenSource
 from regions.topology import Topology
+from regions.workload import RETRYABLE, retry_same_request
 from services.common.validation import MAX_PAGE_SIZE
 
 SCOPES = ("accounts.read", "accounts.write", "transfers.read", "transfers.write")
@@ -234,6 +235,47 @@ def read_ledger(url: str, accounts: Sequence[str], principal: str) -> Ledger:
     )
 
 
+T = TypeVar("T")
+
+
+def _setup_call(what: str, call: Callable[[], T], window: float = 120.0) -> T:
+    """``call`` retried on retryable gRPC statuses: every setup call carries a fixed
+    request_id (or only reads), so re-sending it replays rather than repeats, and a
+    machine too busy to answer in time the first time is no reason to give up."""
+
+    def attempt() -> tuple[T | None, grpc.RpcError | None]:
+        try:
+            return call(), None
+        except grpc.RpcError as err:
+            return None, err
+
+    results = retry_same_request(
+        attempt,
+        lambda r: r[1] is not None and r[1].code() in RETRYABLE,
+        window=window,
+        max_delay=2.0,
+    )
+    value, err = results[-1]
+    if err is not None:
+        raise CheckError(f"{what} failed: {err.code().name}: {err.details()}")
+    return value  # type: ignore[return-value]  # None only with an error
+
+
+def _read_ledger_from_leader(
+    state: Path, topology: Topology, accounts: Sequence[str], principal: str, attempts: int = 5
+) -> Ledger:
+    """read_ledger on whichever member leads now, asked again if the connection fails
+    (a leader that just lost its key, a busy machine)."""
+    for attempt in range(attempts):
+        try:
+            return read_ledger(local.primary_url(state, topology), accounts, principal)
+        except sa.exc.OperationalError as exc:
+            if attempt == attempts - 1:
+                raise CheckError(f"could not read the ledger from the leader: {exc}") from exc
+            time.sleep(2.0)
+    raise AssertionError("unreachable")
+
+
 def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -266,14 +308,21 @@ def run(
     tokens = TokenSource(entry, creds.client_id, creds.client_secret)
     treasury = secret["demo_treasury"]
     with grpc.insecure_channel(entry) as channel:
-        accounts = drills.open_accounts(
-            channel,
-            tokens.get(),
-            treasury,
-            tag,
-            count=options.accounts,
-            opening_balance=options.opening_balance,
-            treasury_token=drills.partner_token(channel, secret),
+        token = _setup_call("issuing the check's token", tokens.get)
+        funder_token = _setup_call(
+            "issuing the treasury's token", lambda: drills.partner_token(channel, secret)
+        )
+        accounts = _setup_call(
+            "opening the accounts",
+            lambda: drills.open_accounts(
+                channel,
+                token,
+                treasury,
+                tag,
+                count=options.accounts,
+                opening_balance=options.opening_balance,
+                treasury_token=funder_token,
+            ),
         )
     funder = f"partners/{secret['demo_client_id']}"
     # The funding transfers are part of the history: they touch the check's accounts.
@@ -335,7 +384,7 @@ def run(
         notes.append("the deployment was not fully healthy again before the ledger was read")
     if not _wait(lambda: replication.replication_healthy(topology), options.recovery_timeout):
         notes.append("replication was not whole again before the ledger was read")
-    ledger = read_ledger(local.primary_url(state, topology), accounts, principal)
+    ledger = _read_ledger_from_leader(state, topology, accounts, principal)
     verdict = check(accounts, setup + clients.transfers, clients.reads, ledger, total)
     return Report(
         tag=tag,
