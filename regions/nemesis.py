@@ -86,7 +86,7 @@ def register(kind: FaultKind) -> FaultKind:
     return kind
 
 
-def leader_region(ctx: FaultContext, timeout: float = 30.0) -> str:
+def leader_region(ctx: FaultContext, timeout: float = 60.0) -> str:
     """The leader's region. Asked again for a while: on a busy machine a member's
     Patroni can miss its 1 s answer even while the cluster is fine."""
     deadline = time.monotonic() + timeout

@@ -19,10 +19,10 @@ from regions.nemesis import FAULT_KINDS
 from tests.e2e.conftest import Deployment
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_bank_check_under_every_fault_kind_finds_no_violation(deployment: Deployment) -> None:
     out = deployment.meshbank(
-        "check", "bank", "--duration", "30", "--clients", "4", "--json", timeout=600
+        "check", "bank", "--duration", "30", "--clients", "4", "--json", timeout=1200
     )
     assert out.stdout, out.stderr
     report = json.loads(out.stdout)
