@@ -295,14 +295,13 @@ def run(
     status = local.read_status(state)
     if not status or status.get("phase") != "running" or local.supervisor_pid(state) is None:
         raise CheckError("meshbank is not running: start it with `meshbank up --detach`")
-    if replication.leader(topology) is None:
-        raise CheckError("the database has no leader right now")
     secret = local.load_secrets(state)
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
     tag = f"bank-{uuid.uuid4().hex[:8]}"
     entry = status["endpoints"]["global_grpc"]
     from services import app  # imported late: the auth use cases pull in argon2 etc.
 
+    # primary_url waits up to 30 s for a leader, and says so if there is none.
     creds = app.auth_admin(local.primary_url(state, topology)).create_partner(tag, SCOPES)
     principal = f"partners/{creds.client_id}"
     tokens = TokenSource(entry, creds.client_id, creds.client_secret)

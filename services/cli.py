@@ -153,6 +153,8 @@ def _interrupt(_signum: int, _frame: object) -> None:
 def cmd_check_bank(args: argparse.Namespace) -> int:
     import signal
 
+    import sqlalchemy
+
     from regions import bank_check, nemesis
 
     def progress(message: str) -> None:
@@ -173,6 +175,9 @@ def cmd_check_bank(args: argparse.Namespace) -> int:
         report = bank_check.run(local.state_dir(), local.load_topology(), options, log=progress)
     except (bank_check.CheckError, nemesis.NemesisError, local.LocalError) as exc:
         print(f"meshbank check bank: {exc}", file=sys.stderr)
+        return 2
+    except sqlalchemy.exc.OperationalError as exc:  # the leader went away during setup
+        print(f"meshbank check bank: the database: {exc.orig}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("meshbank check bank: interrupted; every injected fault was healed", file=sys.stderr)
