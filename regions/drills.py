@@ -101,7 +101,7 @@ class DrillResult:
         return data
 
 
-def _partner_token(channel: grpc.Channel, secret: dict[str, str]) -> str:
+def partner_token(channel: grpc.Channel, secret: dict[str, str]) -> str:
     reply = auth_pb2_grpc.AuthServiceStub(channel).IssueClientToken(
         auth_pb2.IssueClientTokenRequest(
             client_id=secret["demo_client_id"], client_secret=secret["demo_client_secret"]
@@ -111,12 +111,25 @@ def _partner_token(channel: grpc.Channel, secret: dict[str, str]) -> str:
     return str(reply.access_token)
 
 
-def _open_accounts(channel: grpc.Channel, token: str, treasury: str, tag: str) -> list[str]:
+def open_accounts(
+    channel: grpc.Channel,
+    token: str,
+    treasury: str,
+    tag: str,
+    *,
+    count: int = ACCOUNTS,
+    opening_balance: int = OPENING_BALANCE,
+    treasury_token: str | None = None,
+) -> list[str]:
+    """Open ``count`` accounts owned by ``token``'s principal, each funded from the
+    treasury (owned by ``treasury_token``'s, by default the same), with request_ids
+    ``{tag}-open-{n}`` and ``{tag}-fund-{n}``."""
     md = (("authorization", f"Bearer {token}"),)
+    funder = (("authorization", f"Bearer {treasury_token or token}"),)
     accounts = account_pb2_grpc.AccountServiceStub(channel)
     transfers = transfer_pb2_grpc.TransferServiceStub(channel)
     opened = []
-    for n in range(ACCOUNTS):
+    for n in range(count):
         reply = accounts.CreateAccount(
             account_pb2.CreateAccountRequest(
                 request_id=f"{tag}-open-{n}", display_name=f"{tag} {n}", currency_code="USD"
@@ -130,16 +143,16 @@ def _open_accounts(channel: grpc.Channel, token: str, treasury: str, tag: str) -
                 request_id=f"{tag}-fund-{n}",
                 source_account_id=treasury,
                 destination_account_id=reply.account.account_id,
-                amount_minor=OPENING_BALANCE,
+                amount_minor=opening_balance,
                 currency_code="USD",
             ),
-            metadata=md,
+            metadata=funder,
             timeout=20,
         )
     return opened
 
 
-def _process_tree(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
     """``root`` and all its descendants (PostgreSQL's backends, walsenders, ...)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -187,10 +200,10 @@ class Fault:
             pids = []
             patroni = _patroni_pid(self.state, self.region)
             if patroni is not None:
-                pids += _process_tree(patroni)
+                pids += process_tree(patroni)
             postmaster = replication.postmaster_pid(self.state / "db" / self.region)
             if postmaster is not None:
-                pids += _process_tree(postmaster)
+                pids += process_tree(postmaster)
             self._paused = sorted(set(pids))
             if not self._paused:
                 raise DrillError(f"no Patroni/PostgreSQL processes found in {self.region}")
@@ -320,8 +333,8 @@ def run(
     address = status["endpoints"]["global"][leader]
     tag = f"drill-{name}-{uuid.uuid4().hex[:8]}"
     with grpc.insecure_channel(address) as channel:
-        token = _partner_token(channel, secret)
-        accounts = _open_accounts(channel, token, secret["demo_treasury"], tag)
+        token = partner_token(channel, secret)
+        accounts = open_accounts(channel, token, secret["demo_treasury"], tag)
     log(f"{tag}: {ACCOUNTS} accounts opened; leader is {leader}")
 
     workload = Workload(address, token, accounts)

@@ -1,9 +1,9 @@
 """A bounded client workload against the global entry: transfers and reads, every outcome kept.
 
-Used by the failover drills (and the bank check). Writers move random amounts between
-a fixed set of accounts, each transfer with its own request_id; a write that fails
-with a retryable status is re-sent with the same request_id until ``retry_window``
-runs out, as a careful client would. Readers read balances with bounded staleness
+Used by the failover drills (the bank check shares ``retry_same_request``). Writers move
+random amounts between a fixed set of accounts, each transfer with its own request_id;
+a write that fails with a retryable status is re-sent with the same request_id until
+``retry_window`` runs out, as a careful client would. Readers read balances with bounded staleness
 from the nearest replica. Nothing here asserts anything: the caller checks the ledger.
 """
 
@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -115,20 +116,16 @@ class Workload:
             currency_code="USD",
         )
         started = time.monotonic()
-        attempts = 0
-        delay = 0.05
-        while True:
-            attempts += 1
+
+        def attempt() -> grpc.StatusCode:
             try:
                 stub.CreateTransfer(request, metadata=self._metadata, timeout=10)
-                code = grpc.StatusCode.OK
             except grpc.RpcError as err:
-                code = err.code()
-            retry = code in RETRYABLE and time.monotonic() - started < self.retry_window
-            if not retry:
-                break
-            time.sleep(delay)
-            delay = min(0.5, delay * 2)
+                return err.code()
+            return grpc.StatusCode.OK
+
+        codes = retry_same_request(attempt, lambda c: c in RETRYABLE, window=self.retry_window)
+        code, attempts = codes[-1], len(codes)
         write = Write(
             request.request_id,
             source,
@@ -165,6 +162,40 @@ class Workload:
                 with self._lock:
                     self.reads.append(Read(started, time.monotonic(), code, served_by))
                 time.sleep(self.pause)
+
+
+ResultT = TypeVar("ResultT")
+
+
+def retry_same_request(
+    attempt: Callable[[], ResultT],
+    retryable: Callable[[ResultT], bool],
+    *,
+    window: float,
+    max_attempts: int | None = None,
+    first_delay: float = 0.05,
+    max_delay: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[ResultT]:
+    """Call ``attempt`` (which re-sends one request with the SAME request_id) until its
+    result is not retryable, ``window`` seconds have passed or ``max_attempts`` ran out;
+    exponential backoff in between. Returns every attempt's result, the last one last:
+    a caller needs the whole list to tell "failed" from "unknown" (an earlier attempt
+    may have been applied although a later one timed out).
+    """
+    started = time.monotonic()
+    results: list[ResultT] = []
+    delay = first_delay
+    while True:
+        results.append(attempt())
+        if not retryable(results[-1]):
+            return results
+        if time.monotonic() - started >= window:
+            return results
+        if max_attempts is not None and len(results) >= max_attempts:
+            return results
+        sleep(delay)
+        delay = min(max_delay, delay * 2)
 
 
 def outage_after(fault_at: float, events: list[tuple[float, float, bool]]) -> float:

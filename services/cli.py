@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from regions import local
 from regions.drills import DRILLS
+from regions.nemesis import FAULT_KINDS
 
 if TYPE_CHECKING:
     from services.common.config import ServiceConfig
@@ -182,6 +183,46 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_check_bank(args: argparse.Namespace) -> int:
+    import signal
+
+    import sqlalchemy
+
+    from regions import bank_check, nemesis
+
+    def progress(message: str) -> None:
+        print(f"check bank: {message}", file=sys.stderr)
+
+    # SIGTERM like Ctrl-C: the check heals every fault it injected before it exits.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    try:
+        options = bank_check.Options(
+            duration=args.duration,
+            accounts=args.accounts,
+            clients=args.clients,
+            faults=tuple(nemesis.parse_kinds(args.faults)),
+            hold=args.hold,
+            seed=args.seed,
+        )
+        report = bank_check.run(local.state_dir(), local.load_topology(), options, log=progress)
+    except (bank_check.CheckError, nemesis.NemesisError, local.LocalError) as exc:
+        print(f"meshbank check bank: {exc}", file=sys.stderr)
+        return 2
+    except sqlalchemy.exc.OperationalError as exc:  # the leader went away during setup
+        print(f"meshbank check bank: the database: {exc.orig}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meshbank check bank: interrupted; every injected fault was healed", file=sys.stderr)
+        return 130
+    print(json.dumps(report.as_dict()) if args.json else bank_check.summary(report))
+    return 0 if report.valid else 1
+
+
 def cmd_down(_args: argparse.Namespace) -> int:
     state = local.state_dir()
     if local.stop(state):
@@ -338,6 +379,26 @@ def parser() -> argparse.ArgumentParser:
         help="seconds to wait after the fault for health and replication to be whole",
     )
     s.set_defaults(func=cmd_drill)
+
+    check = sub.add_parser("check", help="consistency checks under faults").add_subparsers(
+        dest="sub", required=True
+    )
+    s = check.add_parser(
+        "bank",
+        help="Jepsen-style bank check: concurrent transfers under a nemesis, then a ledger audit",
+    )
+    s.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    s.add_argument("--accounts", type=int, default=8, help="accounts holding the total (2-100)")
+    s.add_argument("--clients", type=int, default=4, help="transfer clients, half gRPC, half REST")
+    s.add_argument(
+        "--faults",
+        default="all",
+        help=f"all, none, or a comma-separated subset of {','.join(FAULT_KINDS)}",
+    )
+    s.add_argument("--hold", type=float, help="seconds each fault lasts (default: per kind)")
+    s.add_argument("--seed", type=int, help="seed of the load and the fault targets")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_check_bank)
 
     users = sub.add_parser("users", help="manage users").add_subparsers(dest="sub", required=True)
     s = users.add_parser("create", help="create a user (password from stdin or a prompt)")
