@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import yaml
 
 from mesh import api, envoy, k8s_envoy
 from mesh.k8s_envoy import POD
-from regions.k8s_settings import KubernetesSettings
+from regions.k8s_settings import KubernetesSettings, image_problem
 from regions.topology import Region, Topology
 
 Manifest = dict[str, Any]
@@ -75,7 +75,7 @@ class Resources:
 
 SERVICE_RESOURCES = Resources("250m", "256Mi", "1", "512Mi")
 SIDECAR_RESOURCES = Resources("100m", "64Mi", "500m", "256Mi")
-EDGE_RESOURCES = Resources("250m", "128Mi", "1", "512Mi")
+EDGE_RESOURCES = Resources("500m", "128Mi", "2", "512Mi")
 # Guaranteed QoS: a database node must not be the first thing evicted under pressure.
 COCKROACH_RESOURCES = Resources("2", "8Gi", "2", "8Gi")
 JOB_RESOURCES = Resources("100m", "128Mi", "500m", "512Mi")
@@ -157,7 +157,7 @@ def _pod_security(fs_group: int) -> Manifest:
     }
 
 
-def _spread(name: str, zones_hard: bool = True, hosts_hard: bool = False) -> list[Manifest]:
+def _spread(name: str, *, hosts_hard: bool = False, per_revision: bool = True) -> list[Manifest]:
     """Even over zones (never two ahead in one zone), and over nodes within a zone."""
 
     def one(key: str, hard: bool) -> Manifest:
@@ -167,9 +167,13 @@ def _spread(name: str, zones_hard: bool = True, hosts_hard: bool = False) -> lis
             "whenUnsatisfiable": "DoNotSchedule" if hard else "ScheduleAnyway",
             "labelSelector": {"matchLabels": _selector(name)},
         }
+        if per_revision:
+            # Each Deployment revision spreads on its own, so a rollout's new pods
+            # are not skewed by the old ones that are about to go.
+            constraint["matchLabelKeys"] = ["pod-template-hash"]
         return constraint
 
-    return [one(ZONE_KEY, zones_hard), one(HOST_KEY, hosts_hard)]
+    return [one(ZONE_KEY, True), one(HOST_KEY, hosts_hard)]
 
 
 def _zone_affinity(region: Region) -> Manifest:
@@ -228,6 +232,7 @@ def _envoy_container(
     mounts: list[Manifest],
     probe_port: int,
     ports: list[Manifest],
+    concurrency: int,
 ) -> Manifest:
     probe = {"httpGet": {"path": "/healthz", "port": probe_port}}
     return {
@@ -238,6 +243,9 @@ def _envoy_container(
             f"{ENVOY_DIR}/envoy.yaml",
             "--service-node",
             "$(POD_NAME)",
+            # Envoy would start a worker per CPU of the node, not of its CPU limit.
+            "--concurrency",
+            str(concurrency),
             "--log-level",
             "warn",
             "--drain-time-s",
@@ -460,6 +468,7 @@ class _RegionRenderer:
                 {"name": "mesh-mtls", "containerPort": POD.inbound},
                 {"name": "probes", "containerPort": POD.health},
             ],
+            concurrency=1,
         )
         # A native sidecar: up before the service (which needs it for the database)
         # and stopped after it, so draining calls can still commit.
@@ -557,6 +566,7 @@ class _RegionRenderer:
             [_mount("mesh-tls", str(TLS_DIR)), _mount("api-descriptor", API_DIR)],
             POD.edge,
             [{"name": "api", "containerPort": POD.edge}],
+            concurrency=2,
         )
         pod_spec: Manifest = {
             "serviceAccountName": name,
@@ -675,7 +685,7 @@ class _RegionRenderer:
             "terminationGracePeriodSeconds": 300,
             "affinity": _zone_affinity(self.region),
             # One node per machine, even over zones.
-            "topologySpreadConstraints": _spread(name, hosts_hard=True),
+            "topologySpreadConstraints": _spread(name, hosts_hard=True, per_revision=False),
             "containers": [container],
             "volumes": [
                 _secret_volume(
@@ -739,17 +749,18 @@ class _RegionRenderer:
         labels = self.labels("migration", "meshbank-migrate")
         first = f"cockroachdb-0.cockroachdb.{self.ns}.svc.{self.settings.cluster_domain}"
         public = f"cockroachdb-public.{self.ns}.svc.{self.settings.cluster_domain}"
-        cockroach = f"/cockroach/cockroach --certs-dir={COCKROACH_CERTS}"
+        cockroach = "/cockroach/cockroach"
+        certs = f"--certs-dir={COCKROACH_CERTS}"
         sql = (
             f"CREATE DATABASE IF NOT EXISTS meshbank; CREATE USER IF NOT EXISTS {DATABASE_USER}; "
             f"ALTER DATABASE meshbank OWNER TO {DATABASE_USER};"
         )
         # `cockroach init` succeeds once; later runs say "already been initialized".
         script = (
-            f"until {cockroach} init --host={first}:{POD.cockroach_sql} 2>/tmp/init.err"
+            f"until {cockroach} init {certs} --host={first}:{POD.cockroach_sql} 2>/tmp/init.err"
             " || grep -q 'already been initialized' /tmp/init.err;"
             " do cat /tmp/init.err; sleep 5; done\n"
-            f'{cockroach} sql --host={public}:{POD.cockroach_sql} -e "{sql}"\n'
+            f'{cockroach} sql {certs} --host={public}:{POD.cockroach_sql} -e "{sql}"\n'
         )
         setup: Manifest = {
             "name": "create-database",
@@ -914,10 +925,6 @@ def render(
     """Every region's manifests; ``services_image`` overrides the topology's (CI builds)."""
     settings = _settings(topology)
     if services_image is not None:
-        from dataclasses import replace
-
-        from regions.k8s_settings import image_problem
-
         problem = image_problem(services_image)
         if problem:
             raise RenderError(f"--image: {problem}")
@@ -932,8 +939,23 @@ def render(
     return Rendered(files, configs)
 
 
+class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+    """libyaml's safe dumper (several times faster), with embedded files as blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # An embedded Envoy config or topology stays readable (and diffable) as a block.
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump_all(manifests: Iterable[Manifest]) -> str:
-    return yaml.safe_dump_all(list(manifests), sort_keys=False, default_flow_style=False, width=100)
+    return yaml.dump_all(
+        list(manifests), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100
+    )
 
 
 def write(rendered: Rendered, out_dir: Path) -> list[Path]:

@@ -46,7 +46,7 @@ def files(out: Path) -> dict[str, dict[str, list[Manifest]]]:
     loaded: dict[str, dict[str, list[Manifest]]] = {}
     for path in sorted(out.glob("*/*.yaml")):
         loaded.setdefault(path.parent.name, {})[path.name] = list(
-            yaml.safe_load_all(path.read_text())
+            yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader)
         )
     return loaded
 
@@ -78,11 +78,18 @@ def containers(pod: Manifest) -> list[Manifest]:
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
+_PARSED: dict[str, Any] = {}
+
+
 def envoy_config(files: dict[str, dict[str, list[Manifest]]], region: str, name: str) -> Any:
+    """The parsed Envoy config of a ConfigMap (parsed once; callers must not modify it)."""
     (cm,) = [
         m for r, m in of_kind(files, "ConfigMap") if r == region and m["metadata"]["name"] == name
     ]
-    return yaml.safe_load(cm["data"]["envoy.yaml"])
+    text = cm["data"]["envoy.yaml"]
+    if text not in _PARSED:
+        _PARSED[text] = yaml.load(text, Loader=yaml.CSafeLoader)
+    return _PARSED[text]
 
 
 def test_three_regions_each_with_every_workload(
@@ -445,7 +452,7 @@ def test_no_envoy_config_keeps_an_address_of_the_local_port_plan(
 
     for region, cm in of_kind(files, "ConfigMap"):
         if "envoy.yaml" in cm.get("data", {}):
-            used = set(ports(yaml.safe_load(cm["data"]["envoy.yaml"])))
+            used = set(ports(envoy_config(files, region, cm["metadata"]["name"])))
             assert used, cm["metadata"]["name"]
             assert not used & local_ports, (region, cm["metadata"]["name"])
 
@@ -562,3 +569,33 @@ def test_render_refuses_an_unpinned_image_override(
     argv = ["render", "k8s", "--out", str(tmp_path), "--image", "ghcr.io/meshbank/meshbank:main"]
     assert cli.main(argv) == 2
     assert "--image" in capsys.readouterr().err
+
+
+def test_every_pod_mounts_config_maps_that_exist_in_its_namespace(
+    files: dict[str, dict[str, list[Manifest]]],
+) -> None:
+    config_maps = {(r, m["metadata"]["name"]) for r, m in of_kind(files, "ConfigMap")}
+    for region, name, pod in pod_specs(files):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        claims = {
+            t["metadata"]["name"]
+            for r, m in of_kind(files, "StatefulSet")
+            if r == region and m["metadata"]["name"] == name
+            for t in m["spec"]["volumeClaimTemplates"]
+        }
+        for c in containers(pod):
+            for mount in c.get("volumeMounts", []):
+                assert mount["name"] in volumes.keys() | claims, (region, name, mount["name"])
+        for volume in volumes.values():
+            if "configMap" in volume:
+                assert (region, volume["configMap"]["name"]) in config_maps, (region, name)
+        envoys = [c for c in containers(pod) if c["name"] == "envoy"]
+        if name in ("cockroachdb",) or name.startswith("meshbank-migrate"):
+            assert envoys == []
+            continue
+        # The proxy runs the generated config of its own ConfigMap.
+        (proxy,) = envoys
+        config_map = volumes["envoy-config"]["configMap"]["name"]
+        assert config_map == ("edge-envoy" if name == "edge" else f"{name}-sidecar")
+        (mount,) = [m for m in proxy["volumeMounts"] if m["name"] == "envoy-config"]
+        assert proxy["args"][:2] == ["-c", f"{mount['mountPath']}/envoy.yaml"]
