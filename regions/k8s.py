@@ -86,8 +86,6 @@ class Rendered:
     """Manifests of every region: ``files[region][file name]`` is a list of objects."""
 
     files: dict[str, dict[str, list[Manifest]]]
-    # The embedded Envoy configs, by "<region>/<ConfigMap name>" (for validation).
-    envoy_configs: dict[str, str]
 
 
 def _settings(topology: Topology) -> KubernetesSettings:
@@ -341,7 +339,6 @@ class _RegionRenderer:
         self.ns = self.settings.namespace(region)
         self.topology_text = topology_text
         self.topology_checksum = _checksum(topology_text)
-        self.envoy_configs: dict[str, str] = {}
 
     @property
     def images(self) -> Mapping[str, str]:
@@ -407,7 +404,6 @@ class _RegionRenderer:
                 f"{DB_CERTS_DIR}/ca.crt",
             )
         )
-        self.envoy_configs[f"{self.region.name}/{config_name}"] = config
         grpc_name = api.full_service_name(service)
         env: list[Manifest] = [
             {"name": "MESHBANK_DATABASE_URL", "value": database_url("127.0.0.1", POD.db_primary)},
@@ -558,7 +554,6 @@ class _RegionRenderer:
         config = envoy.dump(
             k8s_envoy.edge(self.topology, self.settings, self.region.name, envoy_paths())
         )
-        self.envoy_configs[f"{self.region.name}/{config_name}"] = config
         container = _envoy_container(
             "envoy",
             self.images["envoy"],
@@ -930,13 +925,11 @@ def render(
             raise RenderError(f"--image: {problem}")
         settings = replace(settings, images={**settings.images, "services": services_image})
         topology = replace(topology, kubernetes=settings)
-    files: dict[str, dict[str, list[Manifest]]] = {}
-    configs: dict[str, str] = {}
-    for region in topology.region_names:
-        renderer = _RegionRenderer(topology, region, topology_text)
-        files[region] = renderer.files(descriptor)
-        configs.update(renderer.envoy_configs)
-    return Rendered(files, configs)
+    files = {
+        region: _RegionRenderer(topology, region, topology_text).files(descriptor)
+        for region in topology.region_names
+    }
+    return Rendered(files)
 
 
 class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]

@@ -551,6 +551,16 @@ def test_bad_kubernetes_settings_are_refused(path: str, value: Any, message: str
         topology.parse(_topology_with(path, value))
 
 
+def test_kubernetes_defaults_are_the_minimums() -> None:
+    data = _topology_with("kubernetes.replicas", None)
+    data["kubernetes"].pop("max_replicas")
+    settings = topology.parse(data).kubernetes
+    assert settings is not None
+    assert dict(settings.replicas) == {s: 3 for s in topology.SERVICE_NAMES}
+    assert dict(settings.max_replicas) == {s: 9 for s in topology.SERVICE_NAMES}
+    assert settings.namespace("us-west") == "meshbank-us-west"
+
+
 def test_render_without_a_kubernetes_section_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
