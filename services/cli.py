@@ -113,8 +113,13 @@ def cmd_render_k8s(args: argparse.Namespace) -> int:
     except (topology.TopologyError, k8s.RenderError) as exc:
         print(f"meshbank render k8s: {exc}", file=sys.stderr)
         return 2
-    for written in k8s.write(rendered, Path(args.out)):
-        print(written)
+    try:
+        written = k8s.write(rendered, Path(args.out))
+    except OSError as exc:
+        print(f"meshbank render k8s: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
+    for file in written:
+        print(file)
     print("apply each region's directory to its cluster; first create these Secrets:")
     for namespace, secrets in k8s.required_secrets(topo).items():
         print(f"  {namespace}: {' '.join(secrets)}")

@@ -609,3 +609,12 @@ def test_every_pod_mounts_config_maps_that_exist_in_its_namespace(
         assert config_map == ("edge-envoy" if name == "edge" else f"{name}-sidecar")
         (mount,) = [m for m in proxy["volumeMounts"] if m["name"] == "envoy-config"]
         assert proxy["args"][:2] == ["-c", f"{mount['mountPath']}/envoy.yaml"]
+
+
+def test_render_into_a_file_path_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "not-a-directory"
+    target.write_text("")
+    assert cli.main(["render", "k8s", "--out", str(target)]) == 2
+    assert "cannot write" in capsys.readouterr().err
