@@ -648,7 +648,6 @@ class _RegionRenderer:
             ],
             "env": [
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                {"name": "COCKROACH_CHANNEL", "value": "kubernetes-multiregion"},
             ],
             "ports": [
                 {"name": "sql", "containerPort": POD.cockroach_sql},
