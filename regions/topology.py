@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from regions.k8s_settings import KubernetesSettings
+from regions.k8s_settings import parse as parse_kubernetes
+
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topology.yaml"
 SERVICE_NAMES = ("auth", "account", "transfer")
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -86,6 +89,8 @@ class Topology:
     def host_of(self, region: str) -> str:
         """Where ``region``'s processes listen and are reached (``host`` unless netns)."""
         return self.region_hosts.get(region, self.host)
+    # How `meshbank render k8s` maps this topology onto clusters (None: not described).
+    kubernetes: KubernetesSettings | None = None
 
     def region(self, name: str) -> Region:
         return next(r for r in self.regions if r.name == name)
@@ -200,7 +205,7 @@ def _problems_in(data: Any) -> tuple[list[str], dict[str, Any]]:
     problems: list[str] = []
     if not isinstance(data, dict):
         return ["the topology must be a mapping with regions, services and ports"], {}
-    unknown = set(data) - {"regions", "services", "ports", "default_location"}
+    unknown = set(data) - {"regions", "services", "ports", "default_location", "kubernetes"}
     if unknown:
         problems.append(f"unknown top-level keys: {sorted(unknown)}")
     return problems, data
@@ -285,10 +290,11 @@ def parse(data: Any, source: str = "<topology>") -> Topology:
     default_location = data.get("default_location") or (names[0] if names else "")
     if names and default_location not in names:
         problems.append(f"default_location: unknown region {default_location!r}")
+    kubernetes = parse_kubernetes(data.get("kubernetes"), names, SERVICE_NAMES, problems)
 
     if problems:
         raise TopologyError(f"{source}:\n  " + "\n  ".join(problems))
-    topology = Topology(tuple(regions), replicas, ports, default_location)
+    topology = Topology(tuple(regions), replicas, ports, default_location, kubernetes=kubernetes)
     try:
         topology.all_ports()
     except TopologyError as exc:

@@ -132,6 +132,33 @@ def cmd_mesh_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_render_k8s(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from regions import k8s, topology
+
+    path = Path(args.topology or os.environ.get("MESHBANK_TOPOLOGY") or topology.DEFAULT_TOPOLOGY)
+    try:
+        topo = topology.load(path)
+        rendered = k8s.render(
+            topo, path.read_text(), local.descriptor_path().read_bytes(), args.image
+        )
+    except (topology.TopologyError, k8s.RenderError) as exc:
+        print(f"meshbank render k8s: {exc}", file=sys.stderr)
+        return 2
+    try:
+        written = k8s.write(rendered, Path(args.out))
+    except OSError as exc:
+        print(f"meshbank render k8s: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
+    for file in written:
+        print(file)
+    print("apply each region's directory to its cluster; first create these Secrets:")
+    for namespace, secrets in k8s.required_secrets(topo).items():
+        print(f"  {namespace}: {' '.join(secrets)}")
+    return 0
+
+
 def cmd_mesh_lint(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -351,6 +378,15 @@ def parser() -> argparse.ArgumentParser:
     s = mesh.add_parser("lint", help="check generated configs for the known Envoy traps")
     s.add_argument("dir")
     s.set_defaults(func=cmd_mesh_lint)
+
+    render = sub.add_parser("render", help="deployment manifests").add_subparsers(
+        dest="sub", required=True
+    )
+    s = render.add_parser("k8s", help="Kubernetes manifests, one directory per region's cluster")
+    s.add_argument("--out", required=True, help="directory (written as OUT/<region>/*.yaml)")
+    s.add_argument("--topology", help="topology file (default: regions/topology.yaml)")
+    s.add_argument("--image", help="services image, pinned (overrides kubernetes.images.services)")
+    s.set_defaults(func=cmd_render_k8s)
 
     region = sub.add_parser("region", help="failure drills on the local deployment").add_subparsers(
         dest="sub", required=True
