@@ -162,6 +162,14 @@ class _Index:
             self.enums[f"{name}.{enum.name}"] = (enum, comments.get((*path, 4, j), ""))
 
 
+def _json_name(field: descriptor_pb2.FieldDescriptorProto) -> str:
+    """The field's JSON name: protoc/buf fill json_name; else protoc's lowerCamelCase rule."""
+    if field.HasField("json_name"):
+        return field.json_name
+    head, *rest = field.name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
 def _component(full_name: str) -> str:
     return full_name.lstrip(".")
 
@@ -249,7 +257,7 @@ class _Builder:
         schema: Schema = {
             "type": "object",
             "properties": {
-                f.json_name: self.field_schema(f, message.field_comments[f.name]) for f in fields
+                _json_name(f): self.field_schema(f, message.field_comments[f.name]) for f in fields
             },
             "additionalProperties": False,
         }
@@ -257,7 +265,7 @@ class _Builder:
             # The edge prints scalars, enums and repeated fields even when they hold
             # their default value; unset message fields are left out.
             required = [
-                f.json_name
+                _json_name(f)
                 for f in fields
                 if f.type != FieldType.TYPE_MESSAGE or f.label == FieldType.LABEL_REPEATED
             ]
@@ -335,7 +343,7 @@ def _query_parameter(
     if field.type == FieldType.TYPE_MESSAGE and field.type_name not in _WELL_KNOWN:
         raise DocumentError(f"{field.name}: a message field cannot be a query parameter")
     parameter: Schema = {
-        "name": field.json_name,
+        "name": _json_name(field),
         "in": "query",
         "required": False,
         "schema": builder.field_schema(field, ""),
