@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -81,45 +82,67 @@ class World:
         return factory(self.channel)
 
 
+T = TypeVar("T")
+
+
+def retrying(call: Callable[[], T], seconds: float = 90) -> T:
+    """Set-up calls retried on UNAVAILABLE (documented as retryable: a busy database)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            if err.code() is not grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def world(deployment: Deployment) -> Iterator[World]:
     endpoints = deployment.status()["endpoints"]
     secrets = deployment.secrets
     channel = grpc.insecure_channel(endpoints["global_grpc"])
     auth = auth_pb2_grpc.AuthServiceStub(channel)
-    partner = auth.IssueClientToken(
-        auth_pb2.IssueClientTokenRequest(
-            client_id=secrets["demo_client_id"], client_secret=secrets["demo_client_secret"]
-        ),
-        timeout=20,
+    partner = retrying(
+        lambda: auth.IssueClientToken(
+            auth_pb2.IssueClientTokenRequest(
+                client_id=secrets["demo_client_id"], client_secret=secrets["demo_client_secret"]
+            ),
+            timeout=20,
+        )
     ).access_token
-    login = auth.Login(
-        auth_pb2.LoginRequest(username="demo", password=secrets["demo_password"]), timeout=20
+    login = retrying(
+        lambda: auth.Login(
+            auth_pb2.LoginRequest(username="demo", password=secrets["demo_password"]), timeout=20
+        )
     )
     md = (("authorization", f"Bearer {partner}"),)
     accounts = account_pb2_grpc.AccountServiceStub(channel)
+    tag = uuid.uuid4().hex[:8]
     opened = [
-        accounts.CreateAccount(
-            account_pb2.CreateAccountRequest(
-                request_id=f"fuzz-open-{n}-{uuid.uuid4().hex[:8]}",
-                display_name=f"fuzz {n}",
+        retrying(
+            lambda n=n: accounts.CreateAccount(  # type: ignore[misc]
+                account_pb2.CreateAccountRequest(
+                    request_id=f"fuzz-open-{n}-{tag}", display_name=f"fuzz {n}", currency_code="USD"
+                ),
+                metadata=md,
+                timeout=20,
+            )
+        ).account.account_id
+        for n in range(2)
+    ]
+    funded = retrying(
+        lambda: transfer_pb2_grpc.TransferServiceStub(channel).CreateTransfer(
+            transfer_pb2.CreateTransferRequest(
+                request_id=f"fuzz-fund-{tag}",
+                source_account_id=secrets["demo_treasury"],
+                destination_account_id=opened[0],
+                amount_minor=1_000_000,
                 currency_code="USD",
             ),
             metadata=md,
             timeout=20,
-        ).account.account_id
-        for n in range(2)
-    ]
-    funded = transfer_pb2_grpc.TransferServiceStub(channel).CreateTransfer(
-        transfer_pb2.CreateTransferRequest(
-            request_id=f"fuzz-fund-{uuid.uuid4().hex[:8]}",
-            source_account_id=secrets["demo_treasury"],
-            destination_account_id=opened[0],
-            amount_minor=1_000_000,
-            currency_code="USD",
-        ),
-        metadata=md,
-        timeout=20,
+        )
     )
     yield World(
         channel=channel,
