@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from mesh import api
+from mesh import api, openapi
 from mesh.api import Safety
 from regions.topology import Instance, Topology, edge_identity, service_identity
 
@@ -74,6 +74,11 @@ class Paths:
 
     def key(self, stem: str) -> str:
         return str(self.pki_dir / f"{stem}.key")
+
+    @property
+    def openapi(self) -> Path:
+        """The OpenAPI document the edges serve; tools/gen.sh writes it beside the descriptors."""
+        return self.descriptor.with_name("openapi.yaml")
 
     @property
     def ca(self) -> str:
@@ -411,6 +416,38 @@ def _healthz_route() -> Config:
     }
 
 
+# Envoy refuses a direct_response body above this (default 4 KiB); the document is ~40 KiB.
+OPENAPI_MAX_BYTES = 1024 * 1024
+
+
+def _openapi_route(paths: Paths) -> Config:
+    """GET /v1/openapi.yaml answered by the edge itself, from the generated file.
+
+    The transcoder is disabled on this route: with ``reject_unknown_method`` it would
+    answer 404 for a path that maps to no RPC. No token is needed to read it.
+    """
+    return {
+        "name": "openapi",
+        "match": {
+            "path": openapi.DOCUMENT_PATH,
+            "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+        },
+        "direct_response": {"status": 200, "body": {"filename": str(paths.openapi)}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/yaml"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "typed_per_filter_config": {
+            "envoy.filters.http.grpc_json_transcoder": {
+                "@type": TYPE_URL + "envoy.config.route.v3.FilterConfig",
+                "disabled": True,
+            }
+        },
+    }
+
+
 def _unknown_route() -> Config:
     return {
         "name": "unknown",
@@ -659,11 +696,13 @@ def edge(topology: Topology, region: str, paths: Paths) -> Config:
     }
     routes = {
         "name": "edge",
+        "max_direct_response_body_size_bytes": OPENAPI_MAX_BYTES,
         "virtual_hosts": [
             {
                 "name": "meshbank",
                 "domains": ["*"],
                 "routes": [
+                    _openapi_route(paths),
                     *_method_routes({s: s for s in topology.services}),
                     *_reflection_routes(topology.services[0]),
                     _healthz_route(),

@@ -260,6 +260,69 @@ class LeaderWatch:
             self._stop.wait(0.25)
 
 
+_BALANCES_SQL = (
+    "SELECT a.account_id, a.balance_minor, "
+    "coalesce((SELECT sum(e.amount_minor) FROM ledger_entries e "
+    "          WHERE e.account_id = a.account_id), 0) "
+    "FROM accounts a"
+)
+
+
+def _balances(conn: sa.Connection, accounts: list[str] | None) -> dict[str, tuple[int, int]]:
+    """(stored balance, sum of entries) per account: of ``accounts``, or of every account."""
+    query, params = _BALANCES_SQL, {}
+    if accounts is not None:
+        query += " WHERE a.account_id = ANY(CAST(:ids AS uuid[]))"
+        params = {"ids": accounts}
+    return {str(r[0]): (int(r[1]), int(r[2])) for r in conn.execute(sa.text(query), params).all()}
+
+
+def ledger_violations(url: str) -> list[str]:
+    """Invariants of the whole ledger, read from the database; empty when all hold.
+
+    Every stored balance equals the sum of its entries; every transfer has exactly one
+    debit and one credit of its amount, on its own accounts and in its currency (so the
+    entries sum to zero); no entry exists without its transfer.
+    """
+    found = []
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            for account, (stored, entries) in sorted(_balances(conn, None).items()):
+                if stored != entries:
+                    found.append(f"account {account}: balance {stored} != entries {entries}")
+            for row in conn.execute(
+                sa.text(
+                    "SELECT t.transfer_id, count(e.entry_id), coalesce(sum(e.amount_minor), 0), "
+                    "  bool_and(e.currency_code = t.currency_code), "
+                    "  bool_or(e.account_id = t.source_account_id "
+                    "          AND e.amount_minor = -t.amount_minor), "
+                    "  bool_or(e.account_id = t.destination_account_id "
+                    "          AND e.amount_minor = t.amount_minor) "
+                    "FROM transfers t LEFT JOIN ledger_entries e USING (transfer_id) "
+                    "GROUP BY t.transfer_id, t.currency_code, t.source_account_id, "
+                    "  t.destination_account_id, t.amount_minor"
+                )
+            ):
+                transfer, count, total, currency, debit, credit = row
+                if count != 2 or total != 0 or not (currency and debit and credit):
+                    found.append(
+                        f"transfer {transfer}: {count} entries summing to {total} "
+                        f"(currency ok {currency}, debit ok {debit}, credit ok {credit})"
+                    )
+            orphans = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM ledger_entries e WHERE NOT EXISTS "
+                    "(SELECT 1 FROM transfers t WHERE t.transfer_id = e.transfer_id)"
+                )
+            ).scalar_one()
+            if orphans:
+                found.append(f"{orphans} ledger entries without their transfer")
+    finally:
+        engine.dispose()
+    return found
+
+
 def _audit(url: str, accounts: list[str], workload: Workload) -> tuple[int, int, bool, list[str]]:
     """(lost, duplicated, conserved, notes) from the ledger itself."""
     notes = []
@@ -277,18 +340,7 @@ def _audit(url: str, accounts: list[str], workload: Workload) -> tuple[int, int,
                     {"ids": ids},
                 ).all()
             }
-            balances = {
-                str(r[0]): (int(r[1]), int(r[2]))
-                for r in conn.execute(
-                    sa.text(
-                        "SELECT a.account_id, a.balance_minor, "
-                        "coalesce((SELECT sum(e.amount_minor) FROM ledger_entries e "
-                        "          WHERE e.account_id = a.account_id), 0) "
-                        "FROM accounts a WHERE a.account_id = ANY(CAST(:ids AS uuid[]))"
-                    ),
-                    {"ids": accounts},
-                ).all()
-            }
+            balances = _balances(conn, accounts)
     finally:
         engine.dispose()
     acked = [w for w in workload.writes if w.ok]

@@ -64,6 +64,8 @@ REFRESH_TOKEN_TTL = timedelta(days=30)
 CLOCK_SKEW = timedelta(minutes=1)
 
 CLIENT_ID_PREFIX = "mbp_"
+# Client ids are the prefix plus token_urlsafe(16); anything outside this cannot be one.
+_PRINTABLE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # A recognisable prefix lets secret scanners (and people) spot a leaked secret.
 CLIENT_SECRET_PREFIX = "mbs_"  # noqa: S105 - a prefix, not a secret
 
@@ -334,8 +336,16 @@ class AuthService:
         violations = errors.Violations()
         _required(violations, "username", username)
         _required(violations, "password", password)
+        if len(password) > MAX_PASSWORD_LENGTH:
+            violations.add("password", f"must be at most {MAX_PASSWORD_LENGTH} characters")
         violations.raise_if_any()
-        user = self._run(lambda uow: uow.users.get_by_username(username), readonly=True)
+        # A name create_user would refuse cannot exist: no database lookup (PostgreSQL text
+        # cannot even hold a NUL, which failed the whole call), the same Argon2 work.
+        user = (
+            self._run(lambda uow: uow.users.get_by_username(username), readonly=True)
+            if USERNAME_PATTERN.fullmatch(username)
+            else None
+        )
         if user is None:
             self._passwords.verify_dummy(password)
             raise _bad_credentials()
@@ -422,8 +432,13 @@ class AuthService:
                 violations.add(f"scopes[{i}]", "must not be empty")
         violations.raise_if_any()
 
+        # An id create_partner cannot have issued is unknown without asking the database
+        # (PostgreSQL text cannot hold a NUL, which failed the whole call).
+        possible = client_id.startswith(CLIENT_ID_PREFIX) and _PRINTABLE_ID.fullmatch(client_id)
+
         def work(uow: AuthUnitOfWork) -> tuple[Partner | None, StoredSigningKey]:
-            return uow.partners.get_by_client_id(client_id), self._signing_key(uow)
+            partner = uow.partners.get_by_client_id(client_id) if possible else None
+            return partner, self._signing_key(uow)
 
         partner, stored = self._run(work, readonly=True)
         expected = partner.secret_hash if partner is not None else _DUMMY_SECRET_HASH

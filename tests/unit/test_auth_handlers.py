@@ -56,6 +56,14 @@ class State:
     partners: dict[str, Partner] = field(default_factory=dict)
     signing_keys: list[StoredSigningKey] = field(default_factory=list)
     refresh_tokens: dict[bytes, RefreshToken] = field(default_factory=dict)
+    lookups: int = field(default=0, compare=False)  # users, partners looked up by name or id
+
+
+def _like_postgres(text: str) -> str:
+    """PostgreSQL cannot store or compare a NUL in text: psycopg raises, so do the fakes."""
+    if "\x00" in text:
+        raise ValueError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+    return text
 
 
 class FakeUsers:
@@ -63,7 +71,8 @@ class FakeUsers:
         self._s = state
 
     def get_by_username(self, username: str) -> User | None:
-        return self._s.users.get(username)
+        self._s.lookups += 1
+        return self._s.users.get(_like_postgres(username))
 
     def add(self, user: User) -> None:
         if user.username in self._s.users:
@@ -81,7 +90,8 @@ class FakePartners:
         self._s = state
 
     def get_by_client_id(self, client_id: str) -> Partner | None:
-        return self._s.partners.get(client_id)
+        self._s.lookups += 1
+        return self._s.partners.get(_like_postgres(client_id))
 
     def get_by_name(self, name: str) -> Partner | None:
         return next((p for p in self._s.partners.values() if p.name == name), None)
@@ -796,3 +806,33 @@ def test_servicer_errors_become_statuses(
     status = abort_status(lambda: call(servicer))
     assert status.code == code
     assert status.details == message
+
+
+@pytest.mark.parametrize("username", ["demo\x00", "\x00", "Alice", "a" * 65, "al ice"])
+def test_login_with_a_name_no_user_can_have_is_bad_credentials_without_a_lookup(
+    env: Env, username: str
+) -> None:
+    """Found by the fuzzer: a NUL reached PostgreSQL (which cannot store one) as INTERNAL."""
+    env.auth.create_user("alice", PASSWORD)
+    lookups = env.state.lookups
+    with pytest.raises(errors.Unauthenticated) as caught:
+        env.auth.login(username, PASSWORD)
+    assert caught.value.reason == "INVALID_CREDENTIALS"
+    assert env.state.lookups == lookups
+    assert env.passwords.dummy_calls == 1  # the same Argon2 work as for a real user
+
+
+def test_login_refuses_an_over_long_password(env: Env) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        env.auth.login("alice", "p" * 1025)
+    assert violation_fields(caught) == ["password"]
+
+
+@pytest.mark.parametrize("client_id", ["mbp_\x00", "\x00", "nobody", "mbp_" + "x" * 200, "mbp_a b"])
+def test_client_token_for_an_impossible_client_id_is_bad_credentials_without_a_lookup(
+    env: Env, client_id: str
+) -> None:
+    with pytest.raises(errors.Unauthenticated) as caught:
+        env.auth.issue_client_token(client_id, "mbs_secret", [])
+    assert caught.value.reason == "INVALID_CREDENTIALS"
+    assert env.state.lookups == 0

@@ -1,0 +1,94 @@
+"""The benchmark's pgbench script is the service's transfer transaction, and it works.
+
+It is recorded from one real transfer through the real use case on the real database,
+then run by the real pgbench: each pgbench transaction must post exactly one transfer
+the way the service does (two entries, both balances moved, the idempotency row).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from bench import pgbench_script, run
+from regions import drills
+from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def _count(engine: Engine, sql: str, **params: object) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(sql), params).scalar_one())
+
+
+def test_the_recorded_transaction_replays_under_pgbench(
+    stack: Stack, engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    if not run.PGBENCH.exists():
+        pytest.skip(f"{run.PGBENCH} is not installed")
+    caller, _, _ = stack.partner()
+    accounts = [stack.open(caller) for _ in range(3)]
+    for account in accounts:
+        stack.fund(account, 1_000)
+    pairs = [(uuid.UUID(a), uuid.UUID(b)) for a, b in run.Pool(accounts).pairs]
+
+    recording = pgbench_script.record_transfer(
+        engine, caller.name, pairs[0][0], pairs[0][1], request_id=stack.unique("recorded-")
+    )
+    kinds = [" ".join(s.sql.split()).split(" ")[:3] for s in recording.statements]
+    # The service's transaction: idempotency lookup, locks, the posting, the stored reply.
+    assert kinds[0][:1] == ["SELECT"]
+    assert any(k[:3] == ["INSERT", "INTO", "transfers"] for k in kinds)
+    assert any(k[:3] == ["INSERT", "INTO", "ledger_entries"] for k in kinds)
+    assert sum(1 for k in kinds if k[:2] == ["UPDATE", "accounts"]) == 2
+    assert kinds[-1][:3] == ["INSERT", "INTO", "idempotency_keys"]
+    assert any("FOR UPDATE" in s.sql for s in recording.statements)
+
+    scripts = pgbench_script.scripts(recording, pairs)
+    assert len(scripts) == 3
+    assert str(pairs[1][0]) in scripts[1]
+    assert "BEGIN ISOLATION LEVEL SERIALIZABLE;" in scripts[0]
+    files = []
+    for n, text in enumerate(scripts):
+        (tmp_path / f"s{n}.sql").write_text(text)
+        files += ["-f", str(tmp_path / f"s{n}.sql")]
+    before = _count(engine, "SELECT count(*) FROM transfers WHERE initiated_by = :p", p=caller.name)
+    done = subprocess.run(
+        [
+            str(run.PGBENCH),
+            "--no-vacuum",
+            "--protocol=simple",
+            "--client=2",
+            "--transactions=15",
+            "--max-tries=12",
+            *files,
+            run.libpq_url(database_url),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    after = _count(engine, "SELECT count(*) FROM transfers WHERE initiated_by = :p", p=caller.name)
+    assert after - before == 30
+    keys = _count(
+        engine,
+        "SELECT count(*) FROM idempotency_keys "
+        "WHERE principal = :p AND request_id LIKE 'pgbench-%'",
+        p=caller.name,
+    )
+    assert keys == 30
+    # Money only moved around the ring: the three balances still sum to what was funded.
+    total = _count(
+        engine,
+        "SELECT sum(balance_minor) FROM accounts WHERE account_id = ANY(CAST(:ids AS uuid[]))",
+        ids=accounts,
+    )
+    assert total == 3_000
+    assert drills.ledger_violations(database_url) == []
