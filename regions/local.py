@@ -813,7 +813,29 @@ def supervisor_pid(state: Path) -> int | None:
     if not path.exists():
         return None
     pid = int(path.read_text().strip() or 0)
-    return pid if pid and pid_alive(pid) else None
+    return pid if pid and pid_alive(pid) and _is_supervisor(pid, state) else None
+
+
+def _is_supervisor(pid: int, state: Path) -> bool:
+    """Whether ``pid`` is a supervisor of ``state``: a stale pid file's PID may have been
+    reused by any process (another deployment's, even), which must never be signalled."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"services.cli" not in argv or b"up" not in argv:
+        return False
+    own = f"MESHBANK_STATE_DIR={state}".encode()
+    named = [e for e in environ if e.startswith(b"MESHBANK_STATE_DIR=")]
+    # Started without MESHBANK_STATE_DIR: the default folder, under its working directory.
+    if not named:
+        try:
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            return False
+        return (cwd / ".meshbank").resolve() == state
+    return named[-1] == own or Path(named[-1].split(b"=", 1)[1].decode()).resolve() == state
 
 
 def start_detached(state: Path, timeout: float = 300.0) -> dict[str, Any]:

@@ -89,6 +89,7 @@ class Topology:
     def host_of(self, region: str) -> str:
         """Where ``region``'s processes listen and are reached (``host`` unless netns)."""
         return self.region_hosts.get(region, self.host)
+
     # How `meshbank render k8s` maps this topology onto clusters (None: not described).
     kubernetes: KubernetesSettings | None = None
 
