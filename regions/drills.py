@@ -46,6 +46,7 @@ from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
 from regions import local, replication
 from regions.topology import Topology
 from regions.workload import Workload, longest_gap, outage_after
+from services.ledger import invariants
 
 DRILLS = ("db-leader-kill", "region-kill", "leader-pause", "region-partition")
 ACCOUNTS = 4
@@ -278,49 +279,19 @@ def _balances(conn: sa.Connection, accounts: list[str] | None) -> dict[str, tupl
 
 
 def ledger_violations(url: str) -> list[str]:
-    """Invariants of the whole ledger, read from the database; empty when all hold.
-
-    Every stored balance equals the sum of its entries; every transfer has exactly one
-    debit and one credit of its amount, on its own accounts and in its currency (so the
-    entries sum to zero); no entry exists without its transfer.
-    """
-    found = []
-    engine = sa.create_engine(url)
+    """The ledger's invariants (``services.ledger.invariants``, the auditor's check) read
+    from the database in one snapshot; empty when all hold."""
+    engine = sa.create_engine(url, isolation_level="REPEATABLE READ")
     try:
         with engine.connect() as conn:
-            for account, (stored, entries) in sorted(_balances(conn, None).items()):
-                if stored != entries:
-                    found.append(f"account {account}: balance {stored} != entries {entries}")
-            for row in conn.execute(
-                sa.text(
-                    "SELECT t.transfer_id, count(e.entry_id), coalesce(sum(e.amount_minor), 0), "
-                    "  bool_and(e.currency_code = t.currency_code), "
-                    "  bool_or(e.account_id = t.source_account_id "
-                    "          AND e.amount_minor = -t.amount_minor), "
-                    "  bool_or(e.account_id = t.destination_account_id "
-                    "          AND e.amount_minor = t.amount_minor) "
-                    "FROM transfers t LEFT JOIN ledger_entries e USING (transfer_id) "
-                    "GROUP BY t.transfer_id, t.currency_code, t.source_account_id, "
-                    "  t.destination_account_id, t.amount_minor"
-                )
-            ):
-                transfer, count, total, currency, debit, credit = row
-                if count != 2 or total != 0 or not (currency and debit and credit):
-                    found.append(
-                        f"transfer {transfer}: {count} entries summing to {total} "
-                        f"(currency ok {currency}, debit ok {debit}, credit ok {credit})"
-                    )
-            orphans = conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM ledger_entries e WHERE NOT EXISTS "
-                    "(SELECT 1 FROM transfers t WHERE t.transfer_id = e.transfer_id)"
-                )
-            ).scalar_one()
-            if orphans:
-                found.append(f"{orphans} ledger entries without their transfer")
+            report = invariants.check(conn)
     finally:
         engine.dispose()
-    return found
+    return [
+        f"{name}: {v.count} (e.g. {', '.join(v.examples)})"
+        for name, v in report.violations.items()
+        if v.count
+    ]
 
 
 def _audit(url: str, accounts: list[str], workload: Workload) -> tuple[int, int, bool, list[str]]:

@@ -7,7 +7,8 @@ proves from the data itself, in one snapshot, that
 * the entries of every currency sum to zero (double entry: money is only moved);
 * every account's stored ``balance_minor`` equals the sum of its entries (the
   materialised balance never drifts from the journal);
-* every transfer has exactly two entries, summing to zero, in the transfer's currency;
+* every transfer has exactly two entries, summing to zero, in the transfer's currency:
+  the debit of its amount on its source and the credit on its destination;
 * every entry is in its account's currency.
 
 It catches what the guards cannot: a trigger disabled or dropped, rows written by
@@ -50,10 +51,15 @@ UNBALANCED_TRANSFERS = sa.text(
     """
     SELECT t.transfer_id AS id, count(*) OVER () AS n
     FROM transfers t LEFT JOIN ledger_entries e ON e.transfer_id = t.transfer_id
-    GROUP BY t.transfer_id, t.currency_code
+    GROUP BY t.transfer_id, t.currency_code, t.source_account_id, t.destination_account_id,
+      t.amount_minor
     HAVING count(e.entry_id) <> 2
         OR coalesce(sum(e.amount_minor), 0) <> 0
         OR coalesce(bool_or(e.currency_code <> t.currency_code), false)
+        OR NOT coalesce(bool_or(e.account_id = t.source_account_id
+                                AND e.amount_minor = -t.amount_minor), false)
+        OR NOT coalesce(bool_or(e.account_id = t.destination_account_id
+                                AND e.amount_minor = t.amount_minor), false)
     ORDER BY t.transfer_id
     LIMIT :examples
     """
