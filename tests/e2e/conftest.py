@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from regions import topology
@@ -78,13 +79,25 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment() -> Iterator[Deployment]:
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """A test module may define ``TOPOLOGY(data) -> data`` to change the topology file
+    its deployment runs with (e.g. small quotas); ports are shifted as usual."""
     base_dir = Path(tempfile.mkdtemp(prefix="meshbank-e2e-"))
     base_dir.chmod(0o755)  # the postgres user must reach its data directory
-    default = topology.load()
+    env = dict(os.environ, MESHBANK_STATE_DIR=str(base_dir / "state"))
+    edit = getattr(request.module, "TOPOLOGY", None)
+    if edit is not None:
+        path = base_dir / "topology.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                edit(yaml.safe_load(topology.DEFAULT_TOPOLOGY.read_text())), sort_keys=False
+            )
+        )
+        env["MESHBANK_TOPOLOGY"] = str(path)
+    default = topology.load(env.get("MESHBANK_TOPOLOGY"))
     candidates = (random.randrange(22000, 32400, 200) for _ in range(100))
     base = next(b for b in candidates if _block_free(topology.with_port_base(default, b)))
-    env = dict(os.environ, MESHBANK_STATE_DIR=str(base_dir / "state"), MESHBANK_BASE_PORT=str(base))
+    env["MESHBANK_BASE_PORT"] = str(base)
     deployment = Deployment(env, base_dir / "state", "")
     try:
         up = deployment.meshbank("up", "--detach", timeout=300)
