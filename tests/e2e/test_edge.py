@@ -49,7 +49,9 @@ GUIDE = Path(__file__).resolve().parents[2] / "docs" / "partners.md"
 
 
 def TOPOLOGY(data: dict[str, Any]) -> dict[str, Any]:  # the name the deployment fixture uses
-    return {**data, "edge": EDGE_UNDER_TEST}
+    # One replica per service and region is enough here (and half the processes).
+    services = {name: {"replicas": 1} for name in data["services"]}
+    return {**data, "services": services, "edge": EDGE_UNDER_TEST}
 
 
 # -- helpers --------------------------------------------------------------------------------
