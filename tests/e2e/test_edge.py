@@ -461,7 +461,8 @@ class RotationLoad:
                     code = err.code()
                 with self.lock:
                     self.outcomes.append((address, kid_of(token), code))
-                time.sleep(0.05)
+                # ~10 calls/s per reader: well inside the partner quota under test.
+                time.sleep(0.1)
 
     def refresher(self) -> None:
         while not self.stop.wait(1.0):
@@ -514,7 +515,7 @@ def test_key_rotation_under_load_fails_no_request(deployment: Deployment, topo: 
         while kid_of(load.token) != new_kid and time.monotonic() < deadline:
             time.sleep(0.5)
         assert kid_of(load.token) == new_kid, "new tokens never used the new key"
-        time.sleep(3)
+        time.sleep(5)
     finally:
         load.stop.set()
         for t in threads:
