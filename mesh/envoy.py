@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from mesh import api, openapi
+from mesh import api, edge_policy, openapi
 from mesh.api import Safety
 from regions.topology import Instance, Topology, edge_identity, service_identity
 
@@ -720,25 +720,46 @@ def edge(topology: Topology, region: str, paths: Paths) -> Config:
                 "name": "edge",
                 "address": _address(host, topology.edge_port(region)),
                 "filter_chains": [
-                    {
-                        "filters": [
-                            _hcm(
-                                f"edge_{region}",
-                                routes,
-                                [health, transcoder],
-                                tracing=_tracing(
-                                    "meshbank-edge",
-                                    {"meshbank.proxy": "edge", "meshbank.region": region},
-                                ),
-                            )
-                        ]
-                    }
+                    {"filters": [_edge_hcm(topology, region, routes, health, transcoder)]}
                 ],
             }
         ],
-        "clusters": [*clusters, _tracing_cluster(topology)],
+        "clusters": [
+            *clusters,
+            edge_policy.jwks_cluster(topology, region),
+            _tracing_cluster(topology),
+        ],
     }
     return config
+
+
+def _edge_hcm(
+    topology: Topology, region: str, routes: Config, health: Config, transcoder: Config
+) -> Config:
+    """Tokens, quotas and limits (mesh/edge_policy.py) in front of the transcoder.
+
+    Health first (load balancers probe without a token), then token verification, the
+    quotas (keyed on the verified subject and on the client address), the body limit,
+    and the transcoder last: the edge's own refusals happen while the request is still
+    REST or gRPC as the client sent it, so they are answered in the client's format.
+    """
+    policy = topology.edge
+    filters = [
+        health,
+        edge_policy.jwt_authn(topology, region),
+        edge_policy.partner_quota(policy),
+        edge_policy.login_quota(policy),
+        edge_policy.body_limit(policy),
+        transcoder,
+    ]
+    return _hcm(
+        f"edge_{region}",
+        routes,
+        filters,
+        tracing=_tracing("meshbank-edge", {"meshbank.proxy": "edge", "meshbank.region": region}),
+        **edge_policy.listener_limits(policy),
+        **edge_policy.trusted_client_address(topology),
+    )
 
 
 def global_entry(topology: Topology) -> Config:
@@ -796,13 +817,17 @@ def global_entry(topology: Topology) -> Config:
                             _hcm(
                                 f"global_{location}",
                                 routes,
-                                [],
+                                [edge_policy.body_limit(topology.edge)],
                                 tracing=_tracing(
                                     "meshbank-global-entry",
                                     {"meshbank.proxy": "global", "meshbank.location": location},
                                 ),
                                 # The x-request-id the mesh logged, for support tickets.
                                 always_set_request_id_in_response=True,
+                                **edge_policy.listener_limits(topology.edge),
+                                # Append the client's address to X-Forwarded-For: the
+                                # edges key the login quota on it.
+                                use_remote_address=True,
                             )
                         ]
                     }

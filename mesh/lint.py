@@ -162,8 +162,59 @@ def lint_tracing(config: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _seconds_of(duration: Any) -> float:
+    return _seconds(duration) if isinstance(duration, str) else 0.0
+
+
+def lint_edge_policy(config: dict[str, Any]) -> list[str]:
+    """Token verification and quotas that look configured but do not protect anything."""
+    from services.auth.handlers import KEY_PUBLICATION_DELAY
+
+    problems = []
+    for node in _walk(config):
+        typed = node.get("typed_config", {})
+        kind = typed.get("@type", "") if isinstance(typed, dict) else ""
+        if kind.endswith("local_ratelimit.v3.LocalRateLimit"):
+            for key in ("filter_enabled", "filter_enforced"):
+                share = typed.get(key, {}).get("default_value", {})
+                if share.get("numerator", 0) == 0:
+                    problems.append(
+                        f"{node.get('name')}: {key} defaults to 0 %: the quota limits nothing"
+                    )
+        if not kind.endswith("jwt_authn.v3.JwtAuthentication"):
+            continue
+        for name, provider in typed.get("providers", {}).items():
+            if not provider.get("forward"):
+                problems.append(
+                    f"jwt_authn provider {name}: forward is false, so the services never see "
+                    "the token they verify again"
+                )
+            jwks = provider.get("remote_jwks", {})
+            cache = _seconds_of(jwks.get("cache_duration", "300s"))
+            if jwks and 3 * cache > KEY_PUBLICATION_DELAY.total_seconds():
+                problems.append(
+                    f"jwt_authn provider {name}: JWKS cache_duration {cache}s is too long for "
+                    f"the {KEY_PUBLICATION_DELAY.total_seconds()}s key publication delay "
+                    "(tokens of a rotated-in key would be refused)"
+                )
+        rules = typed.get("rules", [])
+        last = rules[-1] if rules else {}
+        if last.get("match") != {"prefix": "/"} or "requires" not in last:
+            problems.append(
+                "jwt_authn: the last rule must require a token for every path (prefix '/'), "
+                "or a path nobody listed is open"
+            )
+    return problems
+
+
 def lint(config: dict[str, Any]) -> list[str]:
     """Every trap found in one Envoy bootstrap config."""
     clusters = config.get("static_resources", {}).get("clusters", [])
     problems = [p for c in clusters for p in lint_cluster(c)]
-    return problems + lint_routes(config) + lint_transcoder(config) + lint_tracing(config)
+    return (
+        problems
+        + lint_routes(config)
+        + lint_transcoder(config)
+        + lint_tracing(config)
+        + lint_edge_policy(config)
+    )

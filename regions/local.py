@@ -44,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -237,6 +238,21 @@ def envoy_ready(admin: str, timeout: float = 0.5) -> bool:
     return http_ok(f"http://{admin}/ready", timeout)
 
 
+def edge_ready(admin: str, region: str, timeout: float = 0.5) -> bool:
+    """Ready, and holding the auth service's JWKS: until then it refuses every token."""
+    if not envoy_ready(admin, timeout):
+        return False
+    stat = f"http.edge_{region}.jwt_authn.jwks_fetch_success"
+    try:
+        url = f"http://{admin}/stats?filter={urllib.parse.quote(f'^{stat}$')}"
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return False
+    _, _, count = text.partition(": ")
+    return count.strip().isdigit() and int(count) > 0
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -414,7 +430,9 @@ class Supervisor:
             self._in_region(region, argv),
             dict(os.environ),
             self.state / "logs" / f"{name}.log",
-            lambda: envoy_ready(f"{host}:{admin}"),
+            functools.partial(edge_ready, f"{host}:{admin}", region)
+            if role == "edge"
+            else lambda: envoy_ready(f"{host}:{admin}"),
         )
 
     def database_url(self, port: int, database: str = "meshbank", region: str = "") -> str:

@@ -74,6 +74,35 @@ def edge_identity(region: str) -> str:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """A token bucket: ``burst`` requests at once, ``refill`` more every ``interval_seconds``."""
+
+    burst: int
+    refill: int
+    interval_seconds: int
+
+
+@dataclass(frozen=True)
+class EdgePolicy:
+    """What every edge enforces on partner traffic (the ``edge`` section of the topology).
+
+    The quotas are token buckets kept by each edge for itself (Envoy's local rate
+    limit): a partner whose calls are spread over the three edges gets up to three
+    times its quota. Production would use a global rate limit service instead.
+    """
+
+    # Per token subject (``partners/{client_id}`` or ``users/{name}``).
+    partner: Quota = Quota(burst=1000, refill=500, interval_seconds=1)
+    # Per client address, on Login and IssueClientToken (credential guessing).
+    login: Quota = Quota(burst=20, refill=10, interval_seconds=10)
+    max_request_bytes: int = 65536
+    max_request_headers_kb: int = 16
+    request_headers_timeout_seconds: int = 10
+    request_timeout_seconds: int = 30
+    stream_idle_timeout_seconds: int = 30
+
+
+@dataclass(frozen=True)
 class Topology:
     regions: tuple[Region, ...]
     replicas: Mapping[str, int]
@@ -92,6 +121,7 @@ class Topology:
 
     # How `meshbank render k8s` maps this topology onto clusters (None: not described).
     kubernetes: KubernetesSettings | None = None
+    edge: EdgePolicy = EdgePolicy()
 
     def region(self, name: str) -> Region:
         return next(r for r in self.regions if r.name == name)
@@ -206,10 +236,79 @@ def _problems_in(data: Any) -> tuple[list[str], dict[str, Any]]:
     problems: list[str] = []
     if not isinstance(data, dict):
         return ["the topology must be a mapping with regions, services and ports"], {}
-    unknown = set(data) - {"regions", "services", "ports", "default_location", "kubernetes"}
+    unknown = set(data) - {"regions", "services", "ports", "default_location", "kubernetes", "edge"}
     if unknown:
         problems.append(f"unknown top-level keys: {sorted(unknown)}")
     return problems, data
+
+
+def _positive_int(raw: Any, where: str, problems: list[str], lo: int, hi: int) -> int | None:
+    if not isinstance(raw, int) or isinstance(raw, bool) or not lo <= raw <= hi:
+        problems.append(f"{where}: must be an integer between {lo} and {hi}, got {raw!r}")
+        return None
+    return raw
+
+
+def _quota(raw: Any, where: str, default: Quota, problems: list[str]) -> Quota:
+    if raw is None:
+        return default
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: must be a mapping with burst, refill and interval_seconds")
+        return default
+    unknown = set(raw) - {"burst", "refill", "interval_seconds"}
+    if unknown:
+        problems.append(f"{where}: unknown keys {sorted(unknown)}")
+    values = {
+        key: _positive_int(raw.get(key, getattr(default, key)), f"{where}.{key}", problems, 1, hi)
+        for key, hi in (("burst", 1_000_000), ("refill", 1_000_000), ("interval_seconds", 3600))
+    }
+    burst, refill, interval = values["burst"], values["refill"], values["interval_seconds"]
+    if burst is None or refill is None or interval is None:
+        return default
+    if refill > burst:
+        # Envoy caps the bucket at max_tokens: a bigger refill would silently be the burst.
+        problems.append(f"{where}: refill ({refill}) cannot exceed burst ({burst})")
+    return Quota(burst, refill, interval)
+
+
+def _edge_policy(raw: Any, problems: list[str]) -> EdgePolicy:
+    """The optional ``edge`` section: quotas and request limits, defaults for what is absent."""
+    default = EdgePolicy()
+    if raw is None:
+        return default
+    if not isinstance(raw, dict):
+        problems.append("edge: must be a mapping with quotas and limits")
+        return default
+    unknown = set(raw) - {"quotas", "limits"}
+    if unknown:
+        problems.append(f"edge: unknown keys {sorted(unknown)} (known: quotas, limits)")
+    quotas = raw.get("quotas") or {}
+    limits = raw.get("limits") or {}
+    if not isinstance(quotas, dict) or not isinstance(limits, dict):
+        problems.append("edge.quotas and edge.limits must be mappings")
+        return default
+    for key in set(quotas) - {"partner", "login"}:
+        problems.append(f"edge.quotas.{key}: unknown quota (known: partner, login)")
+    bounds = {
+        "max_request_bytes": (1024, 64 * 1024 * 1024),
+        "max_request_headers_kb": (1, 96),  # Envoy's own ceiling is 8192; HTTP/2 peers ~96
+        "request_headers_timeout_seconds": (1, 300),
+        "request_timeout_seconds": (1, 3600),
+        "stream_idle_timeout_seconds": (1, 3600),
+    }
+    for key in set(limits) - set(bounds):
+        problems.append(f"edge.limits.{key}: unknown limit (known: {', '.join(bounds)})")
+    values: dict[str, int] = {}
+    for key, (lo, hi) in bounds.items():
+        value = _positive_int(
+            limits.get(key, getattr(default, key)), f"edge.limits.{key}", problems, lo, hi
+        )
+        values[key] = getattr(default, key) if value is None else value
+    return EdgePolicy(
+        partner=_quota(quotas.get("partner"), "edge.quotas.partner", default.partner, problems),
+        login=_quota(quotas.get("login"), "edge.quotas.login", default.login, problems),
+        **values,
+    )
 
 
 def parse(data: Any, source: str = "<topology>") -> Topology:
@@ -293,9 +392,13 @@ def parse(data: Any, source: str = "<topology>") -> Topology:
         problems.append(f"default_location: unknown region {default_location!r}")
     kubernetes = parse_kubernetes(data.get("kubernetes"), names, SERVICE_NAMES, problems)
 
+    edge = _edge_policy(data.get("edge"), problems)
+
     if problems:
         raise TopologyError(f"{source}:\n  " + "\n  ".join(problems))
-    topology = Topology(tuple(regions), replicas, ports, default_location, kubernetes=kubernetes)
+    topology = Topology(
+        tuple(regions), replicas, ports, default_location, kubernetes=kubernetes, edge=edge
+    )
     try:
         topology.all_ports()
     except TopologyError as exc:

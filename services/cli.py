@@ -334,7 +334,13 @@ def cmd_rotate_keys(_args: argparse.Namespace) -> int:
     if not passphrase:
         raise SystemExit("meshbank: MESHBANK_KEY_PASSPHRASE is not set")
     kid = app.auth_admin(_database_url()).rotate_signing_key(passphrase)
-    print(f"new signing key {kid}; earlier keys verify until their tokens expire")
+    from services.auth.handlers import KEY_PUBLICATION_DELAY
+
+    delay = int(KEY_PUBLICATION_DELAY.total_seconds())
+    print(
+        f"new signing key {kid}: published now, signing new tokens in {delay} s; "
+        "earlier keys verify until their tokens expire"
+    )
     return 0
 
 

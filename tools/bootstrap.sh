@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(postgresql-15 postgresql-client-15 etcd-server python3-venv util-linux procps iproute2 iptables)
+APT_PACKAGES=(postgresql-15 postgresql-client-15 etcd-server python3-venv util-linux procps iproute2 iptables curl jq)
 # Prometheus (and promtool, which checks and unit-tests the alert rules in `make test`).
 APT_PACKAGES+=(prometheus)
 

@@ -62,6 +62,11 @@ MAX_PARTNER_NAME_LENGTH = 200
 REFRESH_TOKEN_TTL = timedelta(days=30)
 # Clock skew allowed between the auth instances that sign and the services that verify.
 CLOCK_SKEW = timedelta(minutes=1)
+# A rotated-in key is published (JWKS) this long before it signs anything: the edges
+# cache the JWKS (mesh/edge_policy.py, JWKS_CACHE_SECONDS) and Envoy does not refetch
+# on an unknown kid, so a token signed at once with the new key would be refused at an
+# edge that has not refreshed yet. Several cache periods, so a failed fetch is retried.
+KEY_PUBLICATION_DELAY = timedelta(seconds=15)
 
 CLIENT_ID_PREFIX = "mbp_"
 # Client ids are the prefix plus token_urlsafe(16); anything outside this cannot be one.
@@ -150,6 +155,7 @@ class AuthService:
         new_id: IdFactory = uuid.uuid4,
         new_token: TokenFactory = lambda: secrets.token_urlsafe(32),
         refresh_ttl: timedelta = REFRESH_TOKEN_TTL,
+        key_publication_delay: timedelta = KEY_PUBLICATION_DELAY,
     ) -> None:
         self._run = run
         self._issuer = issuer
@@ -159,6 +165,7 @@ class AuthService:
         self._new_id = new_id
         self._new_token = new_token
         self._refresh_ttl = refresh_ttl
+        self._publication_delay = key_publication_delay
         # Decrypted private keys by kid: decrypting per request would be wasted work,
         # and a kid names one key forever (it is derived from the public key).
         self._key_cache: dict[str, SigningKey] = {}
@@ -184,14 +191,19 @@ class AuthService:
                 self._key_cache[stored.kid] = key
             return key
 
-    @staticmethod
-    def _signing_key(uow: AuthUnitOfWork) -> StoredSigningKey:
-        active = uow.signing_keys.list_active()
+    def _signing_key(self, uow: AuthUnitOfWork) -> StoredSigningKey:
+        """The newest key published for at least the publication delay.
+
+        A younger key only signs when no older one is left (the very first key, or
+        every key rotated in moments ago: then the oldest, published longest).
+        """
+        active = uow.signing_keys.list_active()  # newest first
         if not active:
             raise errors.Unavailable(
                 "no token signing key is configured yet", reason="NO_SIGNING_KEY"
             )
-        return active[0]
+        published_before = self._clock() - self._publication_delay
+        return next((k for k in active if k.created_at <= published_before), active[-1])
 
     def _new_stored_key(
         self, passphrase: str | bytes | None
@@ -230,7 +242,8 @@ class AuthService:
         return signing.kid
 
     def rotate_signing_key(self, passphrase: str | bytes | None = None) -> str:
-        """Add a new key, which signs from now on; older keys verify until retired."""
+        """Add a new key: published at once, signing after the publication delay; older
+        keys verify until retired."""
         key, stored = self._new_stored_key(passphrase)
         self._run(lambda uow: uow.signing_keys.add(stored))
         with self._key_lock:
@@ -240,12 +253,13 @@ class AuthService:
     def retire_signing_key(self, kid: str) -> None:
         """Stop publishing and trusting ``kid``, once no unexpired token can need it.
 
-        A key stops signing when a newer one is added; its last tokens expire one access
-        token lifetime (plus clock skew) later. Retiring sooner would log those callers
-        out, and retiring the only key would stop all logins, so both are refused.
+        A key stops signing once a newer one has been published for the publication
+        delay; its last tokens expire one access token lifetime (plus clock skew) later.
+        Retiring sooner would log those callers out, and retiring the only key would stop
+        all logins, so both are refused.
         """
         now = self._clock()
-        grace = timedelta(seconds=self._issuer.ttl_seconds) + CLOCK_SKEW
+        grace = self._publication_delay + timedelta(seconds=self._issuer.ttl_seconds) + CLOCK_SKEW
 
         def work(uow: AuthUnitOfWork) -> None:
             active = uow.signing_keys.list_active()

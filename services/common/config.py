@@ -10,6 +10,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+DEFAULT_TOKEN_ISSUER = "meshbank-auth"  # noqa: S105 - a name, not a secret
+DEFAULT_TOKEN_AUDIENCE = "meshbank-api"  # noqa: S105 - a name, not a secret
+
+
+def token_identity(env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The (issuer, audience) of access tokens: the auth service signs them, the services
+    and the edges (``jwt_authn``) check them; one source so they cannot disagree."""
+    env = os.environ if env is None else env
+    return (
+        env.get("MESHBANK_TOKEN_ISSUER") or DEFAULT_TOKEN_ISSUER,
+        env.get("MESHBANK_TOKEN_AUDIENCE") or DEFAULT_TOKEN_AUDIENCE,
+    )
+
 
 class ConfigError(Exception):
     """The environment does not describe a runnable service; the message lists why."""
@@ -98,8 +111,8 @@ def load(
         database_url=database_url,
         read_database_url=read_url,
         listen_address=_listen(env, problems),
-        token_issuer=env.get("MESHBANK_TOKEN_ISSUER", "meshbank-auth"),
-        token_audience=env.get("MESHBANK_TOKEN_AUDIENCE", "meshbank-api"),
+        token_issuer=token_identity(env)[0],
+        token_audience=token_identity(env)[1],
         key_passphrase=passphrase,
         db_pool_size=_int(env, "MESHBANK_DB_POOL_SIZE", 10, problems, 1, 200),
         grpc_workers=_int(env, "MESHBANK_GRPC_WORKERS", 16, problems, 1, 256),

@@ -1,7 +1,8 @@
 """One whole local deployment (`meshbank up --detach`) for the e2e session, on its own ports.
 
-It is shared by every e2e module: starting three regions costs about a minute on these
-two cores, and `make test` must stay short. Tests that break something (drills, killed
+It is shared by every e2e module (one that needs another topology, e.g. small quotas,
+defines ``TOPOLOGY`` and gets its own): starting three regions costs about a minute on
+these two cores, and `make test` must stay short. Tests that break something (drills, killed
 regions, a crashed supervisor, `down`) restore it before they return, and each waits for
 every process to be healthy again.
 
@@ -21,13 +22,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from regions import topology
@@ -82,15 +84,26 @@ class Deployment:
         return local.primary_url(self.state, local.load_topology(self.env))
 
 
-@pytest.fixture(scope="session")
-def deployment() -> Iterator[Deployment]:
+@contextlib.contextmanager
+def _deployment(edit: Callable[[Any], Any] | None = None) -> Iterator[Deployment]:
+    """``meshbank up --detach`` on a free port block, torn down whatever happens;
+    ``edit(data) -> data`` changes the topology file it runs with (e.g. small quotas)."""
     base_dir = Path(tempfile.mkdtemp(prefix="meshbank-e2e-"))
     base_dir.chmod(0o755)  # the postgres user must reach its data directory
-    default = topology.load()
+    env = dict(os.environ, MESHBANK_STATE_DIR=str(base_dir / "state"))
+    if edit is not None:
+        path = base_dir / "topology.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                edit(yaml.safe_load(topology.DEFAULT_TOPOLOGY.read_text())), sort_keys=False
+            )
+        )
+        env["MESHBANK_TOPOLOGY"] = str(path)
+    default = topology.load(env.get("MESHBANK_TOPOLOGY"))
     # Blocks 250 apart: one deployment's port plan spans about 210 ports.
     candidates = (random.randrange(22000, 32400, 250) for _ in range(100))
     base = next(b for b in candidates if _block_free(topology.with_port_base(default, b)))
-    env = dict(os.environ, MESHBANK_STATE_DIR=str(base_dir / "state"), MESHBANK_BASE_PORT=str(base))
+    env["MESHBANK_BASE_PORT"] = str(base)
     deployment = Deployment(env, base_dir / "state", "")
     try:
         up = deployment.meshbank("up", "--detach", "--timeout", "420", timeout=480)
@@ -106,3 +119,21 @@ def deployment() -> Iterator[Deployment]:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc["pid"], signal.SIGKILL)
         shutil.rmtree(base_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_deployment() -> Iterator[Deployment]:
+    with _deployment() as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """The session's shared deployment, or, for a test module that defines
+    ``TOPOLOGY(data) -> data``, one of its own on that topology."""
+    edit = getattr(request.module, "TOPOLOGY", None)
+    if edit is None:
+        yield request.getfixturevalue("shared_deployment")
+        return
+    with _deployment(edit) as deployment:
+        yield deployment

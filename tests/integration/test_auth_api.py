@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from datetime import UTC, datetime, timedelta
 
 import grpc
+import sqlalchemy as sa
 
 from meshbank.account.v1 import account_pb2
 from meshbank.auth.v1 import auth_pb2
+from services.auth.handlers import KEY_PUBLICATION_DELAY
 from tests.integration.conftest import KEY_PASSPHRASE, Stack
 from tests.support import failure
 
@@ -123,11 +127,33 @@ def test_client_credentials(stack: Stack) -> None:
     assert caller.name == f"partners/{client_id}"
 
 
-def test_rotated_keys_sign_new_tokens_while_old_tokens_keep_working(stack: Stack) -> None:
+def test_rotated_keys_sign_new_tokens_while_old_tokens_keep_working(
+    stack: Stack, database_url: str
+) -> None:
     alice = stack.user()
     old_kid = header(alice.token)["kid"]
+    _, client_id, secret = stack.partner()
+    rotated_at = time.monotonic()
     new_kid = stack.admin.rotate_signing_key(KEY_PASSPHRASE)
     assert new_kid != old_kid
+    # Published (GetJwks) at once, but not signing before the publication delay.
+    assert new_kid in {k.kid for k in stack.auth.GetJwks(auth_pb2.GetJwksRequest()).keys}
+    during = stack.auth.IssueClientToken(
+        auth_pb2.IssueClientTokenRequest(client_id=client_id, client_secret=secret)
+    ).access_token
+    if time.monotonic() - rotated_at < KEY_PUBLICATION_DELAY.total_seconds():
+        assert header(during)["kid"] == old_kid
+    # Let the delay pass by moving the key's creation back, instead of waiting for it.
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE signing_keys SET created_at = :at WHERE kid = :kid"),
+            {
+                "at": datetime.now(UTC) - KEY_PUBLICATION_DELAY - timedelta(seconds=1),
+                "kid": new_kid,
+            },
+        )
+    engine.dispose()
     bob = stack.user()
     assert header(bob.token)["kid"] == new_kid
     for who in (alice, bob):  # both verify in the account service without a restart

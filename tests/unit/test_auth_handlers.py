@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from meshbank.auth.v1 import auth_pb2
-from services.auth.handlers import AuthService, TokenGrant
+from services.auth.handlers import KEY_PUBLICATION_DELAY, AuthService, TokenGrant
 from services.auth.keys import KeyLoadError, public_key_from_jwk
 from services.auth.passwords import Passwords
 from services.auth.ports import (
@@ -207,14 +207,16 @@ class Env:
     def state(self) -> State:
         return self.runner.state
 
-    def verifier(self) -> TokenVerifier:
+    def verifier(self, leeway_seconds: int = 5) -> TokenVerifier:
         def load_all() -> dict[str, Ed25519PublicKey]:
             return {
                 k.kid: public_key_from_jwk(k.public_jwk)
                 for k in FakeSigningKeys(self.runner.state).list_active()
             }
 
-        return TokenVerifier(ISSUER, AUDIENCE, CachingKeySource(load_all, 0.0))
+        return TokenVerifier(
+            ISSUER, AUDIENCE, CachingKeySource(load_all, 0.0), leeway_seconds=leeway_seconds
+        )
 
     def verify(self, token: str) -> Principal:
         return self.verifier().verify(token)
@@ -646,19 +648,38 @@ def test_signing_needs_a_passphrase() -> None:
     assert bare.ensure_signing_key(PASSPHRASE)
 
 
-def test_rotation_new_key_signs_old_key_still_verifies(env: Env) -> None:
+def test_rotation_publishes_the_new_key_before_it_signs(env: Env) -> None:
     old_kid = env.state.signing_keys[0].kid
     verifier = env.verifier()
     before = login(env).access_token
     env.clock.advance(seconds=1)
     new_kid = env.auth.rotate_signing_key()
     assert new_kid != old_kid
+    # Published at once (the edges' JWKS caches pick it up) but not signing yet.
+    assert [k["kid"] for k in env.auth.jwks()] == [new_kid, old_kid]
+    during = login(env).access_token
+    assert header_kid(before) == header_kid(during) == old_kid
+    env.clock.advance(seconds=KEY_PUBLICATION_DELAY.total_seconds() - 2)
+    assert header_kid(login(env).access_token) == old_kid
+    env.clock.advance(seconds=2)
     after = login(env).access_token
-    assert header_kid(before) == old_kid
     assert header_kid(after) == new_kid
     assert verifier.verify(before).name == "users/alice"
-    assert verifier.verify(after).name == "users/alice"  # found by reloading the keys
-    assert [k["kid"] for k in env.auth.jwks()] == [new_kid, old_kid]
+    assert verifier.verify(during).name == "users/alice"
+    # Issued by the fake clock KEY_PUBLICATION_DELAY ahead of the real one.
+    lenient = env.verifier(leeway_seconds=int(KEY_PUBLICATION_DELAY.total_seconds()) + 5)
+    assert lenient.verify(after).name == "users/alice"  # found by reloading the keys
+
+
+def test_a_key_signs_once_published_long_enough_even_if_a_newer_one_is_not(env: Env) -> None:
+    old_kid = env.state.signing_keys[0].kid
+    env.clock.advance(seconds=1)
+    second = env.auth.rotate_signing_key()
+    env.clock.advance(seconds=1)
+    env.auth.rotate_signing_key()
+    assert header_kid(login(env).access_token) == old_kid
+    env.clock.advance(seconds=KEY_PUBLICATION_DELAY.total_seconds() - 1)
+    assert header_kid(login(env).access_token) == second
 
 
 def test_jwks_are_public_only(env: Env) -> None:
@@ -677,7 +698,7 @@ def test_retiring_a_key_waits_for_its_tokens_to_expire(env: Env) -> None:
     assert only_key.value.reason == "SIGNING_KEY_IN_USE"
     env.clock.advance(seconds=1)
     new_kid = env.auth.rotate_signing_key()
-    env.clock.advance(seconds=900)
+    env.clock.advance(seconds=900 + KEY_PUBLICATION_DELAY.total_seconds())
     with pytest.raises(errors.FailedPrecondition):
         env.auth.retire_signing_key(old_kid)  # tokens may live on for the clock skew
     env.clock.advance(seconds=60)

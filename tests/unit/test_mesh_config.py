@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mesh import api, envoy, lint
+from mesh import api, edge_policy, envoy, lint
 from mesh.api import Safety
 from regions import topology
+from services.auth.handlers import KEY_PUBLICATION_DELAY
+from services.common import config as service_config
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "mesh"
 PATHS = envoy.Paths(Path("/etc/meshbank/pki"), Path("/etc/meshbank/meshbank.binpb"))
@@ -225,3 +228,207 @@ def test_every_proxy_traces_and_leaves_health_checks_out(
     assert endpoint["address"]["socket_address"]["port_value"] == (
         topology.load().tracing_otlp_port
     )
+
+
+# -- the partner edge: tokens, quotas, limits (mesh/edge_policy.py) ------------------------
+
+
+def edge_hcm(config: dict[str, Any], listener: int = 0) -> dict[str, Any]:
+    hcm: dict[str, Any] = config["static_resources"]["listeners"][listener]["filter_chains"][0][
+        "filters"
+    ][0]["typed_config"]
+    return hcm
+
+
+def http_filter(hcm: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(
+        f["typed_config"] for f in hcm["http_filters"] if f["name"] == name
+    )
+    return found
+
+
+def first_rule(rules: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    """The jwt_authn rule Envoy applies to ``path`` (the first that matches)."""
+    for rule in rules:
+        match = rule["match"]
+        if match.get("path") == path.split("?")[0] or path.startswith(match.get("prefix", "\0")):
+            return rule
+    raise AssertionError(f"no rule matches {path}")
+
+
+def test_edges_verify_tokens_before_transcoding(configs: dict[str, dict[str, Any]]) -> None:
+    issuer, audience = service_config.token_identity({})
+    for region in topology.load().region_names:
+        hcm = edge_hcm(configs[f"{region}-edge.yaml"])
+        names = [f["name"] for f in hcm["http_filters"]]
+        assert names.index("envoy.filters.http.health_check") < names.index(edge_policy.JWT_FILTER)
+        assert names.index(edge_policy.JWT_FILTER) < names.index(
+            "envoy.filters.http.grpc_json_transcoder"
+        )
+        provider = http_filter(hcm, edge_policy.JWT_FILTER)["providers"][edge_policy.PROVIDER]
+        assert (provider["issuer"], provider["audiences"]) == (issuer, [audience])
+        assert provider["forward"] is True  # the services verify the token again
+        assert provider["from_headers"] == [{"name": "authorization", "value_prefix": "Bearer "}]
+        jwks = provider["remote_jwks"]
+        assert jwks["async_fetch"]["fast_listener"] is True  # the fetch uses this listener
+        # Through the mesh: the edge's own listener, which transcodes GetJwks to auth.
+        t = topology.load()
+        assert (
+            jwks["http_uri"]["uri"]
+            == f"http://{t.host_of(region)}:{t.edge_port(region)}/v1/auth/jwks"
+        )
+        jwks_cluster = cluster(configs[f"{region}-edge.yaml"], jwks["http_uri"]["cluster"])
+        endpoint = jwks_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert endpoint["address"]["socket_address"]["port_value"] == t.edge_port(region)
+
+
+def test_the_token_issuer_and_audience_follow_the_services_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MESHBANK_TOKEN_ISSUER", "https://auth.example")
+    monkeypatch.setenv("MESHBANK_TOKEN_AUDIENCE", "partners")
+    provider = edge_policy.jwt_authn(topology.load(), "us-east")["typed_config"]["providers"]
+    assert provider[edge_policy.PROVIDER]["issuer"] == "https://auth.example"
+    assert provider[edge_policy.PROVIDER]["audiences"] == ["partners"]
+
+
+def test_only_the_token_endpoints_health_and_reflection_are_open(
+    configs: dict[str, dict[str, Any]],
+) -> None:
+    hcm = edge_hcm(configs["us-east-edge.yaml"])
+    rules = http_filter(hcm, edge_policy.JWT_FILTER)["rules"]
+    for m in api.methods():
+        for path in (m.path, m.http_template, m.http_template + "?x=1"):
+            needs_token = "requires" in first_rule(rules, path)
+            assert needs_token is (m.service != "auth"), path
+    for path in (
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/v1/openapi.yaml",
+    ):
+        assert "requires" not in first_rule(rules, path), path
+    for path in ("/v1/auth%3Alogin", "/v1//auth:login", "/anything", "/"):
+        assert "requires" in first_rule(rules, path), path
+
+
+def test_a_rotated_key_is_published_for_several_jwks_cache_periods() -> None:
+    period = edge_policy.JWKS_CACHE_SECONDS + edge_policy.JWKS_REFETCH_AFTER_FAILURE_SECONDS
+    assert KEY_PUBLICATION_DELAY.total_seconds() >= 2 * period
+
+
+def test_quotas_come_from_the_topology(configs: dict[str, dict[str, Any]]) -> None:
+    policy = topology.load().edge
+    hcm = edge_hcm(configs["eu-west-edge.yaml"])
+    for name, quota in (("partner", policy.partner), ("login", policy.login)):
+        rl = http_filter(hcm, f"{edge_policy.RATE_LIMIT_FILTER}.{name}")
+        (descriptor,) = rl["descriptors"]
+        assert descriptor["token_bucket"] == {
+            "max_tokens": quota.burst,
+            "tokens_per_fill": quota.refill,
+            "fill_interval": f"{quota.interval_seconds}s",
+        }
+        (retry_after,) = rl["response_headers_to_add"]
+        assert retry_after["header"] == {"key": "retry-after", "value": str(quota.interval_seconds)}
+        assert rl["rate_limited_as_resource_exhausted"] is True
+    smaller = dataclasses.replace(
+        topology.load(),
+        edge=topology.EdgePolicy(partner=topology.Quota(7, 3, 2), max_request_bytes=2048),
+    )
+    hcm = edge_hcm(envoy.edge(smaller, "us-east", PATHS))
+    partner = http_filter(hcm, f"{edge_policy.RATE_LIMIT_FILTER}.partner")
+    assert partner["descriptors"][0]["token_bucket"]["max_tokens"] == 7
+    assert http_filter(hcm, "envoy.filters.http.buffer")["max_request_bytes"] == 2048
+
+
+def test_the_partner_quota_is_keyed_on_the_verified_subject(
+    configs: dict[str, dict[str, Any]],
+) -> None:
+    hcm = edge_hcm(configs["us-east-edge.yaml"])
+    partner = http_filter(hcm, f"{edge_policy.RATE_LIMIT_FILTER}.partner")
+    (limit,) = partner["rate_limits"]
+    (action,) = limit["actions"]
+    # From jwt_authn's verified payload, not from a header a client could set.
+    assert action["metadata"]["metadata_key"] == {
+        "key": edge_policy.JWT_FILTER,
+        "path": [{"key": edge_policy.PAYLOAD_METADATA}, {"key": "sub"}],
+    }
+
+
+def test_the_login_quota_covers_both_credential_checks_in_both_protocols(
+    configs: dict[str, dict[str, Any]],
+) -> None:
+    hcm = edge_hcm(configs["us-east-edge.yaml"])
+    login = http_filter(hcm, f"{edge_policy.RATE_LIMIT_FILTER}.login")
+    prefixes = {
+        a["actions"][0]["header_value_match"]["headers"][0]["string_match"]["prefix"]
+        for a in login["rate_limits"]
+    }
+    assert prefixes == {
+        "/meshbank.auth.v1.AuthService/Login",
+        "/meshbank.auth.v1.AuthService/IssueClientToken",
+        "/v1/auth:login",
+        "/v1/auth:token",
+    }
+    assert all(a["actions"][1] == {"remote_address": {}} for a in login["rate_limits"])
+
+
+def test_public_listeners_have_size_limits_timeouts_and_json_errors(
+    configs: dict[str, dict[str, Any]],
+) -> None:
+    policy = topology.load().edge
+    listeners = [edge_hcm(configs["us-east-edge.yaml"])] + [
+        edge_hcm(configs["global.yaml"], i) for i in range(3)
+    ]
+    for hcm in listeners:
+        assert hcm["max_request_headers_kb"] == policy.max_request_headers_kb
+        assert hcm["request_headers_timeout"] == f"{policy.request_headers_timeout_seconds}s"
+        assert hcm["stream_idle_timeout"] == f"{policy.stream_idle_timeout_seconds}s"
+        buffer = http_filter(hcm, "envoy.filters.http.buffer")
+        assert buffer["max_request_bytes"] == policy.max_request_bytes
+        mappers = hcm["local_reply_config"]["mappers"]
+        json_bodies = {
+            m["filter"]["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"][
+                "default_value"
+            ]
+            for m in mappers
+            if "body_format_override" in m
+        }
+        # jwt_authn's 403 for a token of another audience becomes 401, in both protocols.
+        assert [m["status_code"] for m in mappers if "status_code" in m] == [401, 401]
+        assert json_bodies == {401, 403, 408, 413, 429, 431}
+
+
+def test_the_global_entry_only_forwards(configs: dict[str, dict[str, Any]]) -> None:
+    for i in range(3):
+        hcm = edge_hcm(configs["global.yaml"], i)
+        names = {f["name"] for f in hcm["http_filters"]}
+        assert edge_policy.JWT_FILTER not in names  # the edges verify tokens
+        assert not any(n.startswith(edge_policy.RATE_LIMIT_FILTER) for n in names)
+        # It appends the client's address to X-Forwarded-For, which the edges trust
+        # from its host only.
+        assert hcm["use_remote_address"] is True
+    detection = edge_hcm(configs["us-east-edge.yaml"])["original_ip_detection_extensions"]
+    cidrs = detection[0]["typed_config"]["xff_trusted_cidrs"]["cidrs"]
+    assert cidrs == [{"address_prefix": topology.load().host, "prefix_len": 32}]
+
+
+JWT = edge_policy.JWT_FILTER
+PARTNER_QUOTA = f"{edge_policy.RATE_LIMIT_FILTER}.partner"
+
+
+@pytest.mark.parametrize(
+    ("filter_name", "mutate"),
+    [
+        (JWT, lambda f: f["providers"]["meshbank"].update(forward=False)),
+        (JWT, lambda f: f["rules"].pop()),
+        (JWT, lambda f: f["providers"]["meshbank"]["remote_jwks"].update(cache_duration="300s")),
+        (PARTNER_QUOTA, lambda f: f.pop("filter_enabled")),
+        (PARTNER_QUOTA, lambda f: f.pop("filter_enforced")),
+    ],
+)
+def test_lint_catches_an_edge_policy_that_protects_nothing(
+    configs: dict[str, dict[str, Any]], filter_name: str, mutate: Any
+) -> None:
+    config = copy.deepcopy(configs["us-east-edge.yaml"])
+    mutate(http_filter(edge_hcm(config), filter_name))
+    assert lint.lint(config)

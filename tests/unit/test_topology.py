@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,42 @@ def test_port_plan_can_be_shifted_as_a_block() -> None:
     t = topology.with_port_base(topology.load(), 20000)
     assert min(t.all_ports()) == 20000
     assert t.global_port("us-east") == 20000
+
+
+def _with_edge(edge: object) -> dict[str, object]:
+    data: dict[str, object] = yaml.safe_load(topology.DEFAULT_TOPOLOGY.read_text())
+    data["edge"] = edge
+    return data
+
+
+def test_the_edge_section_sets_quotas_and_limits() -> None:
+    t = topology.parse(
+        _with_edge(
+            {
+                "quotas": {"login": {"burst": 3, "refill": 1, "interval_seconds": 30}},
+                "limits": {"max_request_bytes": 4096},
+            }
+        )
+    )
+    assert t.edge.login == topology.Quota(burst=3, refill=1, interval_seconds=30)
+    assert t.edge.partner == topology.EdgePolicy().partner  # absent: the default
+    assert t.edge.max_request_bytes == 4096
+    assert topology.with_port_base(t, 40000).edge == t.edge
+
+
+@pytest.mark.parametrize(
+    ("edge", "problem"),
+    [
+        ({"quotas": {"partner": {"burst": 5, "refill": 10}}}, "refill (10) cannot exceed burst"),
+        ({"quotas": {"partner": {"burst": 0}}}, "edge.quotas.partner.burst"),
+        ({"quotas": {"partner": {"burst": True}}}, "edge.quotas.partner.burst"),
+        ({"quotas": {"admin": {}}}, "edge.quotas.admin: unknown quota"),
+        ({"limits": {"max_request_bytes": "1MB"}}, "edge.limits.max_request_bytes"),
+        ({"limits": {"max_body": 1}}, "edge.limits.max_body: unknown limit"),
+        ({"tls": {}}, "edge: unknown keys ['tls']"),
+        ("fast", "edge: must be a mapping"),
+    ],
+)
+def test_a_bad_edge_section_is_refused_with_its_name(edge: object, problem: str) -> None:
+    with pytest.raises(topology.TopologyError, match=re.escape(problem)):
+        topology.parse(_with_edge(edge))
