@@ -102,6 +102,9 @@ class Addressing:
             nodes = settings.service_dns(COCKROACH_SERVICE, region)
             connect[topology.database_port(region)] = Address(nodes, POD.cockroach_sql)
             connect[topology.patroni_port(region)] = Address(nodes, POD.cockroach_http)
+            # The edge fetches the JWKS from its own listener (transcoded to GetJwks).
+            connect[topology.edge_port(region)] = Address(LOOPBACK, POD.edge)
+        connect[topology.tracing_otlp_port] = Address(*settings.trace_collector_address)
         return cls(listen, connect)
 
     def _place(self, table: Mapping[int, Address], socket: Config, where: str) -> Address:

@@ -29,6 +29,10 @@ _DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0
 _QUANTITY = re.compile(r"^[0-9]+(Mi|Gi|Ti)$")
 
 
+DEFAULT_TRACE_COLLECTOR = "otel-collector.observability.svc.cluster.local:4317"
+_HOST_PORT = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?:[0-9]{1,5}$")
+
+
 @dataclass(frozen=True)
 class KubernetesSettings:
     # The Kubernetes release the manifests target (and are validated against).
@@ -46,6 +50,14 @@ class KubernetesSettings:
     # The pod network of each region's cluster: remote edges and database nodes
     # connect from there, so the NetworkPolicies admit exactly these ranges.
     pod_cidrs: Mapping[str, str]
+    # Where every Envoy and service exports traces (OTLP/gRPC, host:port): the cluster's
+    # OpenTelemetry collector, which forwards to the production Jaeger or Tempo.
+    trace_collector: str = DEFAULT_TRACE_COLLECTOR
+
+    @property
+    def trace_collector_address(self) -> tuple[str, int]:
+        host, _, port = self.trace_collector.rpartition(":")
+        return host, int(port)
 
     def namespace(self, region: str) -> str:
         return f"{self.namespace_prefix}-{region}"
@@ -97,6 +109,7 @@ def parse(
         "cockroach_storage",
         "images",
         "pod_cidrs",
+        "trace_collector",
     }
     for key in sorted(set(raw) - known):
         problems.append(f"kubernetes.{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -182,6 +195,11 @@ def parse(
     for key in sorted(set(raw_cidrs) - set(regions)):
         problems.append(f"kubernetes.pod_cidrs.{key}: unknown region")
 
+    collector = raw.get("trace_collector", DEFAULT_TRACE_COLLECTOR)
+    if not isinstance(collector, str) or not _HOST_PORT.match(collector):
+        problems.append(f"kubernetes.trace_collector: host:port, got {collector!r}")
+        collector = DEFAULT_TRACE_COLLECTOR
+
     return KubernetesSettings(
         version=version,
         namespace_prefix=str(prefix),
@@ -193,4 +211,5 @@ def parse(
         cockroach_storage=str(storage),
         images=images,
         pod_cidrs=cidrs,
+        trace_collector=collector,
     )
