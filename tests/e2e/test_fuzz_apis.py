@@ -33,6 +33,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.core.result import Ok
 
 from mesh import openapi
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
@@ -483,22 +484,30 @@ def test_fuzz_auth_service(world: World) -> None:
 # -- REST: schemathesis against the document the edge serves ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def rest_api(world: World) -> Any:
-    return schemathesis.openapi.from_url(world.rest + openapi.DOCUMENT_PATH)
+def test_fuzz_rest_api_matches_its_openapi_document(world: World) -> None:
+    """No 5xx; status, content type and body as the document says; auth enforced.
 
+    The document is loaded from the edge (through the global entry), as a partner would.
+    Each operation gets its own hypothesis run over schemathesis' strategy for it
+    (schemathesis' pytest fixture loader does not work with pytest 9: it sets a node
+    attribute pytest no longer has).
+    """
+    schema = schemathesis.openapi.from_url(world.rest + openapi.DOCUMENT_PATH)
+    operations = []
+    for result in schema.get_all_operations():
+        # An operation the document describes in a way schemathesis cannot use is an Err.
+        assert isinstance(result, Ok), result
+        operations.append(result.ok())
+    assert len(operations) == 12
+    headers = {"authorization": f"Bearer {world.partner_token}"}
+    for operation in operations:
 
-rest_schema = schemathesis.pytest.from_fixture("rest_api")
+        @FUZZ
+        @given(case=operation.as_strategy())
+        def run(case: Any) -> None:
+            case.call_and_validate(base_url=world.rest, headers=headers)
 
-
-@rest_schema.parametrize()
-@FUZZ
-def test_fuzz_rest_api_matches_its_openapi_document(case: Any, world: World) -> None:
-    """No 5xx; status, content type and body as the document says; auth enforced."""
-    case.call_and_validate(
-        base_url=world.rest,
-        headers={"authorization": f"Bearer {world.partner_token}"},
-    )
+        run()
 
 
 # -- afterwards: nothing crashed, nothing half-applied --------------------------------------
