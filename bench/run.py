@@ -47,7 +47,15 @@ import grpc
 import sqlalchemy as sa
 
 from bench import mesh_bench, pgbench_script
-from bench.mesh_bench import BenchError, CpuProbe, Deployment, Fixture, summarize
+from bench.mesh_bench import (
+    BenchError,
+    CpuProbe,
+    Deployment,
+    Fixture,
+    _positive,
+    _ratio,
+    summarize,
+)
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
 from regions import local
@@ -369,10 +377,6 @@ PHASES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else round(a / b, 3)
-
-
 def run(
     duration: float, concurrency: int, accounts: int, say: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -489,16 +493,6 @@ def render(report: dict[str, Any]) -> str:
                 f" / {c['client']:5.2f}"
             )
     return "\n".join(lines)
-
-
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

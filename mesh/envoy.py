@@ -401,6 +401,14 @@ def _reflection_routes(cluster: str) -> list[Config]:
             "name": f"reflection {version}",
             "match": {"prefix": f"/grpc.reflection.{version}.ServerReflection/"},
             "route": {"cluster": cluster, "timeout": "10s"},
+            # A bidirectional stream: the edge's body limit (a buffer filter) would hold
+            # it until the client half-closes, which grpcurl never does first.
+            "typed_per_filter_config": {
+                "envoy.filters.http.buffer": {
+                    "@type": EXT + "filters.http.buffer.v3.BufferPerRoute",
+                    "disabled": True,
+                }
+            },
         }
         for version in ("v1alpha", "v1")
     ]
@@ -789,6 +797,7 @@ def global_entry(topology: Topology) -> Config:
                     "routes": [
                         *_method_routes({s: cluster for s in topology.services}),
                         *_rest_routes(cluster),
+                        *_reflection_routes(cluster),
                         {
                             "name": "rest",
                             "match": {"prefix": "/"},

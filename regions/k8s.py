@@ -46,6 +46,16 @@ API_DIR = "/etc/meshbank/api"
 TOPOLOGY_DIR = "/etc/meshbank/topology"
 COCKROACH_CERTS = "/cockroach/cockroach-certs"
 DESCRIPTOR_NAME = "meshbank.binpb"
+OPENAPI_NAME = "openapi.yaml"
+
+
+def _openapi_text() -> str:
+    """The generated OpenAPI document (gen/descriptors/, next to the descriptor set)."""
+    from regions import local
+
+    return local.descriptor_path().with_name(OPENAPI_NAME).read_text()
+
+
 ZONE_KEY = "topology.kubernetes.io/zone"
 HOST_KEY = "kubernetes.io/hostname"
 # The services image's user (Dockerfile), distroless Envoy's "nonroot", CockroachDB's.
@@ -384,7 +394,11 @@ class _RegionRenderer:
                 "meshbank-api-descriptor",
                 self.ns,
                 common,
-                {"binaryData": {DESCRIPTOR_NAME: base64.b64encode(descriptor).decode()}},
+                {
+                    "binaryData": {DESCRIPTOR_NAME: base64.b64encode(descriptor).decode()},
+                    # The edges serve it (GET /v1/openapi.yaml) from beside the descriptors.
+                    "data": {OPENAPI_NAME: _openapi_text()},
+                },
             ),
         ]
 

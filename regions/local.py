@@ -737,6 +737,20 @@ class Supervisor:
             migrate.upgrade(cluster.url())
             return
         deadline = time.monotonic() + timeout
+        while True:
+            region = self._wait_for_leader(deadline)
+            try:
+                self._create_and_migrate(region)
+                return
+            except sa.exc.OperationalError as exc:
+                # A leader that Patroni has just named may not accept connections yet, or
+                # may have lost the lock again (a restart on old data): ask again.
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    raise
+                log.warning("the database on %s is not ready yet: %s", region, exc.orig)
+                time.sleep(1.0)
+
+    def _wait_for_leader(self, deadline: float) -> str:
         while (region := replication.leader(self.topology)) is None:
             if self._stop.is_set() or time.monotonic() > deadline:
                 raise LocalError("the database cluster elected no leader; see logs/*-db.log")
@@ -744,6 +758,9 @@ class Supervisor:
                 if child.role in ("etcd", "db"):
                     child.poll(held=False)
             time.sleep(0.5)
+        return region
+
+    def _create_and_migrate(self, region: str) -> None:
         port = self.topology.database_port(region)
         admin = sa.create_engine(
             self.database_url(port, "postgres", region), isolation_level="AUTOCOMMIT"

@@ -354,6 +354,7 @@ def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topolog
     assert http(url, headers=bearer(token)).status == 404  # after Retry-After: passes again
 
 
+@pytest.mark.extended  # flaky under load (closing note): `make test-extended`
 def test_credential_checks_are_limited_per_client_address(topo: Topology) -> None:
     """Client addresses come from X-Forwarded-For, which the edge trusts from the
     global entry's host: loopback here, so the test can play several clients."""

@@ -35,6 +35,9 @@ def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copy(ca.ca_cert_path, base / "db" / "ca.crt")
     (base / "api").mkdir()
     shutil.copy(local.descriptor_path(), base / "api" / k8s.DESCRIPTOR_NAME)
+    shutil.copy(
+        local.descriptor_path().with_name(k8s.OPENAPI_NAME), base / "api" / k8s.OPENAPI_NAME
+    )
     mounts = {
         f"{k8s.TLS_DIR}/": f"{base / 'tls'}/",
         f"{k8s.DB_CERTS_DIR}/": f"{base / 'db'}/",

@@ -77,6 +77,7 @@ def test_sidecars_and_edges_listen_on_their_region_and_reach_each_region_there(
     for r in spread.region_names:
         port_region[spread.global_port(r)] = "global"
     port_region[spread.ports["global_admin"]] = "global"
+    port_region[spread.tracing_otlp_port] = "global"  # the trace collector
     for name, config in configs.items():
         for host, port in addresses(config):
             region = port_region[port]
