@@ -5,6 +5,7 @@ totals conserved, replication whole again. Outage figures are printed, not asser
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -31,7 +32,11 @@ def test_drill_loses_and_duplicates_nothing(deployment: Deployment, drill: str) 
 
 
 def test_partition_drill_is_refused_without_network_namespaces(deployment: Deployment) -> None:
-    before = deployment.status()
+    # Right after the other drills the status may not name a leader for a moment.
+    deadline = time.monotonic() + 60
+    while (before := deployment.status())["database_leader"] is None:
+        assert time.monotonic() < deadline, "no database leader"
+        time.sleep(1)
     out = deployment.meshbank("drill", "region-partition", "--json", timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "MESHBANK_NETNS=1" in out.stderr
