@@ -134,7 +134,12 @@ class PostgresNode:
             **({} if self.durable else {"fsync": "off", "full_page_writes": "off"}),
             **self.settings,
         }
-        args = [*run_as_postgres(), str(PG_BIN / "postgres"), "-D", str(self.data_dir)]
+        # The server dies with the process that started it (a test runner killed before
+        # its finalizers run leaves no postgres holding a port). The signal is set in the
+        # same setpriv that drops privileges: a uid change clears an earlier one.
+        drop = run_as_postgres() or ["setpriv", "--"]
+        prefix = [drop[0], "--pdeathsig", "KILL", *drop[1:]]
+        args = [*prefix, str(PG_BIN / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
         return args
