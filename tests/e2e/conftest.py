@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
-from regions import topology
+from regions import local, topology
 
 VENV_BIN = Path(sys.executable).parent
 MESHBANK = str(VENV_BIN / "meshbank")
@@ -84,12 +84,37 @@ class Deployment:
         return local.primary_url(self.state, local.load_topology(self.env))
 
 
+E2E_PREFIX = "meshbank-e2e-"
+
+
+def _reap_orphaned_deployments() -> None:
+    """Take down deployments whose test runner was killed before its finalizer ran.
+
+    The supervisor outlives `meshbank up --detach` on purpose, so a SIGKILLed pytest
+    leaves its deployment running; the next session stops it. A folder whose owner is
+    still alive (another session running now) is left alone.
+    """
+    for base_dir in Path(tempfile.gettempdir()).glob(E2E_PREFIX + "*"):
+        try:
+            owner = int((base_dir / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if local.pid_alive(owner):
+            continue
+        env = dict(os.environ, MESHBANK_STATE_DIR=str(base_dir / "state"))
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            subprocess.run([MESHBANK, "down"], env=env, capture_output=True, timeout=180)
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _deployment(edit: Callable[[Any], Any] | None = None) -> Iterator[Deployment]:
     """``meshbank up --detach`` on a free port block, torn down whatever happens;
     ``edit(data) -> data`` changes the topology file it runs with (e.g. small quotas)."""
-    base_dir = Path(tempfile.mkdtemp(prefix="meshbank-e2e-"))
+    _reap_orphaned_deployments()
+    base_dir = Path(tempfile.mkdtemp(prefix=E2E_PREFIX))
     base_dir.chmod(0o755)  # the postgres user must reach its data directory
+    (base_dir / "owner.pid").write_text(str(os.getpid()))
     env = dict(os.environ, MESHBANK_STATE_DIR=str(base_dir / "state"))
     if edit is not None:
         path = base_dir / "topology.yaml"
