@@ -49,13 +49,6 @@ DESCRIPTOR_NAME = "meshbank.binpb"
 OPENAPI_NAME = "openapi.yaml"
 
 
-def _openapi_text() -> str:
-    """The generated OpenAPI document (gen/descriptors/, next to the descriptor set)."""
-    from regions import local
-
-    return local.descriptor_path().with_name(OPENAPI_NAME).read_text()
-
-
 ZONE_KEY = "topology.kubernetes.io/zone"
 HOST_KEY = "kubernetes.io/hostname"
 # The services image's user (Dockerfile), distroless Envoy's "nonroot", CockroachDB's.
@@ -359,7 +352,7 @@ class _RegionRenderer:
 
     # -- shared objects -----------------------------------------------------------
 
-    def namespace(self, descriptor: bytes) -> list[Manifest]:
+    def namespace(self, descriptor: bytes, openapi: str) -> list[Manifest]:
         restricted = {
             f"pod-security.kubernetes.io/{mode}": "restricted"
             for mode in ("enforce", "audit", "warn")
@@ -397,7 +390,7 @@ class _RegionRenderer:
                 {
                     "binaryData": {DESCRIPTOR_NAME: base64.b64encode(descriptor).decode()},
                     # The edges serve it (GET /v1/openapi.yaml) from beside the descriptors.
-                    "data": {OPENAPI_NAME: _openapi_text()},
+                    "data": {OPENAPI_NAME: openapi},
                 },
             ),
         ]
@@ -910,9 +903,9 @@ class _RegionRenderer:
             ),
         ]
 
-    def files(self, descriptor: bytes) -> dict[str, list[Manifest]]:
+    def files(self, descriptor: bytes, openapi: str) -> dict[str, list[Manifest]]:
         files = {
-            "00-namespace.yaml": self.namespace(descriptor),
+            "00-namespace.yaml": self.namespace(descriptor, openapi),
             "10-cockroachdb.yaml": self.cockroachdb(),
         }
         if self.region.name == primary_region(self.topology):
@@ -928,9 +921,13 @@ def render(
     topology: Topology,
     topology_text: str,
     descriptor: bytes,
+    openapi: str,
     services_image: str | None = None,
 ) -> Rendered:
-    """Every region's manifests; ``services_image`` overrides the topology's (CI builds)."""
+    """Every region's manifests; ``services_image`` overrides the topology's (CI builds).
+
+    ``descriptor`` and ``openapi`` (the generated API descriptor set and OpenAPI
+    document) go into each region's ConfigMap, where the edges read them."""
     settings = _settings(topology)
     if services_image is not None:
         problem = image_problem(services_image)
@@ -939,7 +936,7 @@ def render(
         settings = replace(settings, images={**settings.images, "services": services_image})
         topology = replace(topology, kubernetes=settings)
     files = {
-        region: _RegionRenderer(topology, region, topology_text).files(descriptor)
+        region: _RegionRenderer(topology, region, topology_text).files(descriptor, openapi)
         for region in topology.region_names
     }
     return Rendered(files)

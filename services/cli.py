@@ -140,8 +140,13 @@ def cmd_render_k8s(args: argparse.Namespace) -> int:
     path = Path(args.topology or os.environ.get("MESHBANK_TOPOLOGY") or topology.DEFAULT_TOPOLOGY)
     try:
         topo = topology.load(path)
+        descriptor = local.descriptor_path()
         rendered = k8s.render(
-            topo, path.read_text(), local.descriptor_path().read_bytes(), args.image
+            topo,
+            path.read_text(),
+            descriptor.read_bytes(),
+            descriptor.with_name(k8s.OPENAPI_NAME).read_text(),
+            args.image,
         )
     except (topology.TopologyError, k8s.RenderError) as exc:
         print(f"meshbank render k8s: {exc}", file=sys.stderr)
