@@ -58,7 +58,7 @@ from bench.mesh_bench import (
 )
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
-from regions import local
+from regions import drills, local
 from regions.topology import TopologyError
 
 PGBENCH = Path("/usr/lib/postgresql/15/bin/pgbench")
@@ -88,32 +88,11 @@ def open_pool(fixture: Fixture, count: int, run_id: str) -> Pool:
 
     def one(n: int) -> str:
         with grpc.insecure_channel(fixture.deployment.global_grpc) as channel:
-            account = (
-                account_pb2_grpc.AccountServiceStub(channel)
-                .CreateAccount(
-                    account_pb2.CreateAccountRequest(
-                        request_id=f"bench-{run_id}-open-{n}",
-                        display_name=f"ledger bench {run_id} {n}",
-                        currency_code="USD",
-                    ),
-                    metadata=fixture.metadata,
-                    timeout=CALL_TIMEOUT,
-                )
-                .account.account_id
+            md = tuple(fixture.metadata)
+            treasury = fixture.deployment.secrets["demo_treasury"]
+            return drills.open_funded_account(
+                channel, md, md, treasury, f"bench-{run_id}", n, FUNDING_MINOR, CALL_TIMEOUT
             )
-            transfer_pb2_grpc.TransferServiceStub(channel).CreateTransfer(
-                transfer_pb2.CreateTransferRequest(
-                    request_id=f"bench-{run_id}-fund-{n}",
-                    source_account_id=fixture.deployment.secrets["demo_treasury"],
-                    destination_account_id=account,
-                    amount_minor=FUNDING_MINOR,
-                    currency_code="USD",
-                    description="ledger bench funding",
-                ),
-                metadata=fixture.metadata,
-                timeout=CALL_TIMEOUT,
-            )
-        return str(account)
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         return Pool(list(pool.map(one, range(count))))

@@ -127,30 +127,46 @@ def open_accounts(
     ``{tag}-open-{n}`` and ``{tag}-fund-{n}``."""
     md = (("authorization", f"Bearer {token}"),)
     funder = (("authorization", f"Bearer {treasury_token or token}"),)
-    accounts = account_pb2_grpc.AccountServiceStub(channel)
-    transfers = transfer_pb2_grpc.TransferServiceStub(channel)
-    opened = []
-    for n in range(count):
-        reply = accounts.CreateAccount(
-            account_pb2.CreateAccountRequest(
-                request_id=f"{tag}-open-{n}", display_name=f"{tag} {n}", currency_code="USD"
-            ),
-            metadata=md,
-            timeout=20,
-        )
-        opened.append(reply.account.account_id)
-        transfers.CreateTransfer(
-            transfer_pb2.CreateTransferRequest(
-                request_id=f"{tag}-fund-{n}",
-                source_account_id=treasury,
-                destination_account_id=reply.account.account_id,
-                amount_minor=opening_balance,
-                currency_code="USD",
-            ),
-            metadata=funder,
-            timeout=20,
-        )
-    return opened
+    return [
+        open_funded_account(channel, md, funder, treasury, tag, n, opening_balance)
+        for n in range(count)
+    ]
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def open_funded_account(
+    channel: grpc.Channel,
+    md: Metadata,
+    funder: Metadata,
+    treasury: str,
+    tag: str,
+    n: int,
+    opening_balance: int,
+    timeout: float = 20,
+) -> str:
+    """Open account ``n`` of ``tag`` (request_id ``{tag}-open-{n}``) as ``md``'s principal
+    and fund it from ``treasury`` as ``funder``'s (``{tag}-fund-{n}``): safe to repeat."""
+    reply = account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
+        account_pb2.CreateAccountRequest(
+            request_id=f"{tag}-open-{n}", display_name=f"{tag} {n}", currency_code="USD"
+        ),
+        metadata=md,
+        timeout=timeout,
+    )
+    transfer_pb2_grpc.TransferServiceStub(channel).CreateTransfer(
+        transfer_pb2.CreateTransferRequest(
+            request_id=f"{tag}-fund-{n}",
+            source_account_id=treasury,
+            destination_account_id=reply.account.account_id,
+            amount_minor=opening_balance,
+            currency_code="USD",
+        ),
+        metadata=funder,
+        timeout=timeout,
+    )
+    return str(reply.account.account_id)
 
 
 def process_tree(root: int) -> list[int]:
