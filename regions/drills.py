@@ -436,7 +436,7 @@ def run(
         reads_failed=sum(1 for r in workload.reads if r.code != grpc.StatusCode.OK),
         leader_before=leader,
         clients_in=leader,
-        leader_after=replication.leader(topology),
+        leader_after=replication.wait_leader(topology, within=30.0),
         fault_at_s=fault_at - t0,
         fault_lifted_at_s=lifted_at - t0,
         old_leader_primary_until_s=watch.old_primary_until,

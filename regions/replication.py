@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -222,17 +223,29 @@ def cluster_state(topology: Topology) -> dict[str, Any] | None:
     return None
 
 
-def is_primary(topology: Topology, region: str) -> bool:
+def is_primary(topology: Topology, region: str, timeout: float = 1.0) -> bool:
     """Patroni's own answer: 200 on ``/primary`` only on the leader."""
-    return (
-        patroni_get(topology.patroni_port(region), "/primary", host=topology.host_of(region))[0]
-        == 200
-    )
+    port, host = topology.patroni_port(region), topology.host_of(region)
+    return patroni_get(port, "/primary", host=host, timeout=timeout)[0] == 200
 
 
-def leader(topology: Topology) -> str | None:
+def leader(topology: Topology, timeout: float = 1.0) -> str | None:
     """The region whose member is the primary, according to the members themselves."""
-    return next((r for r in topology.region_names if is_primary(topology, r)), None)
+    return next((r for r in topology.region_names if is_primary(topology, r, timeout)), None)
+
+
+def wait_leader(topology: Topology, within: float) -> str | None:
+    """The leader once one answers, polling for up to ``within`` seconds; None if none did.
+
+    A member that has just been promoted, or a Patroni busy on a loaded machine, can miss
+    one short request; a single probe would then report no leader where there is one.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        found = leader(topology, timeout=3.0)
+        if found is not None or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.5)
 
 
 def replication_healthy(topology: Topology) -> bool:

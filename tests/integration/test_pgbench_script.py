@@ -7,6 +7,7 @@ the way the service does (two entries, both balances moved, the idempotency row)
 
 from __future__ import annotations
 
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -76,14 +77,20 @@ def test_the_recorded_transaction_replays_under_pgbench(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     after = _count(engine, "SELECT count(*) FROM transfers WHERE initiated_by = :p", p=caller.name)
-    assert after - before == 30
+    # A transaction that lost its serialization race twelve times is reported failed (and
+    # rolled back, writing nothing); every one pgbench counts as processed wrote one transfer.
+    counted = re.search(r"actually processed: (\d+)/30", done.stdout)
+    assert counted, done.stdout
+    processed = int(counted.group(1))
+    assert processed >= 25, done.stdout
+    assert after - before == processed
     keys = _count(
         engine,
         "SELECT count(*) FROM idempotency_keys "
         "WHERE principal = :p AND request_id LIKE 'pgbench-%'",
         p=caller.name,
     )
-    assert keys == 30
+    assert keys == processed
     # Money only moved around the ring: the three balances still sum to what was funded.
     total = _count(
         engine,
