@@ -15,8 +15,11 @@
   forge it with a header), and per client address on Login and IssueClientToken.
 * Limits: request body (``buffer`` filter: 413), request headers (431), and the
   headers/request/stream timeouts, on the edges and on the global entry.
-* Errors the edge answers itself are ``google.rpc.Status`` JSON for REST clients (the
-  format the transcoder gives service errors) and a plain gRPC status for gRPC.
+* Errors the edge answers itself carry a ``google.rpc.Status`` with an ``ErrorInfo``
+  (domain ``meshbank.dev``), like the services' errors: as JSON for REST clients (the
+  format the transcoder gives service errors), and in ``grpc-status-details-bin`` for
+  gRPC clients, with a fixed message per status (the details must repeat the
+  ``grpc-message`` exactly, and a header value cannot be computed per request).
 
 TLS on the public listeners is not configured yet: it would go into ``edge``'s and
 ``global_entry``'s listener ``filter_chains`` (a ``transport_socket`` with a
@@ -25,7 +28,10 @@ TLS on the public listeners is not configured yet: it would go into ``edge``'s a
 
 from __future__ import annotations
 
+import base64
 from typing import Any
+
+from google.rpc import error_details_pb2, status_pb2
 
 from mesh import api
 from regions.topology import EdgePolicy, Quota, Topology
@@ -266,6 +272,23 @@ EDGE_ERRORS: dict[int, tuple[int, str]] = {
     431: (3, "HEADERS_TOO_LARGE"),  # INVALID_ARGUMENT
     408: (4, "REQUEST_TIMEOUT"),  # DEADLINE_EXCEEDED
 }
+# What a gRPC client reads as the message of each of those answers.
+EDGE_GRPC_MESSAGES: dict[int, str] = {
+    401: "rejected at the edge: the access token is missing, expired or not valid here",
+    429: "rate limited at the edge: retry after the Retry-After interval",
+    413: "rejected at the edge: the request is larger than the edge accepts",
+    431: "rejected at the edge: the request headers are larger than the edge accepts",
+    408: "rejected at the edge: the request took too long to arrive",
+}
+
+
+def grpc_status_details(status: int) -> str:
+    """``grpc-status-details-bin`` for an edge answer: a serialized google.rpc.Status."""
+    code, reason = EDGE_ERRORS[status]
+    info = error_details_pb2.ErrorInfo(reason=reason, domain="meshbank.dev")
+    detail = status_pb2.Status(code=code, message=EDGE_GRPC_MESSAGES[status])
+    detail.details.add().Pack(info)
+    return base64.b64encode(detail.SerializeToString()).decode("ascii")
 
 
 def _status_is(status: int) -> Config:
@@ -279,24 +302,47 @@ def _status_is(status: int) -> Config:
     }
 
 
-def local_reply_config() -> Config:
-    """The edge's own REST errors as google.rpc.Status JSON, like the services' errors.
-
-    gRPC requests keep Envoy's gRPC status (401 -> UNAUTHENTICATED, rate limited ->
-    RESOURCE_EXHAUSTED). jwt_authn answers a token for another audience with 403; it
-    is a credential that is not valid here, so both protocols get 401/UNAUTHENTICATED
-    like every other rejected token (the only 403 the edge itself produces).
-    """
-    not_grpc = {
+def _content_type_is_grpc(invert: bool) -> Config:
+    return {
         "header_filter": {
             "header": {
                 "name": "content-type",
                 "string_match": {"prefix": "application/grpc"},
-                "invert_match": True,
+                "invert_match": invert,
                 "treat_missing_header_as_empty": True,
             }
         }
     }
+
+
+def _grpc_answer(status: int) -> Config:
+    """A gRPC local reply's message and its google.rpc.Status (Envoy sets grpc-status)."""
+    return {
+        # text_format is deprecated; text_format_source is its replacement.
+        "body_format_override": {
+            "text_format_source": {"inline_string": EDGE_GRPC_MESSAGES[status]}
+        },
+        "headers_to_add": [
+            {
+                "header": {"key": "grpc-status-details-bin", "value": grpc_status_details(status)},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
+def local_reply_config() -> Config:
+    """The edge's own errors as google.rpc.Status, like the services' errors.
+
+    REST: the Status as the JSON body. gRPC: Envoy's gRPC status (401 ->
+    UNAUTHENTICATED, 429 -> RESOURCE_EXHAUSTED...) with a fixed message and the Status
+    in ``grpc-status-details-bin`` (the body becomes ``grpc-message``; the header is added
+    before Envoy turns the reply into a trailers-only gRPC answer). jwt_authn answers a
+    token for another audience with 403; it is a credential that is not valid here, so
+    both protocols get 401/UNAUTHENTICATED like every other rejected token (the only
+    403 the edge itself produces). Mappers are tried in order; the first match applies.
+    """
+    not_grpc, grpc_ = _content_type_is_grpc(invert=True), _content_type_is_grpc(invert=False)
     code, reason = EDGE_ERRORS[401]
     mappers: list[Config] = [
         {
@@ -304,13 +350,19 @@ def local_reply_config() -> Config:
             "status_code": 401,
             "body_format_override": _status_json(code, reason, "%LOCAL_REPLY_BODY%"),
         },
-        {"filter": _status_is(403), "status_code": 401},
+        {"filter": _status_is(403), "status_code": 401, **_grpc_answer(401)},
     ]
     for status, (code, reason) in EDGE_ERRORS.items():
         mappers.append(
             {
                 "filter": {"and_filter": {"filters": [_status_is(status), not_grpc]}},
                 "body_format_override": _status_json(code, reason, "%LOCAL_REPLY_BODY%"),
+            }
+        )
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [_status_is(status), grpc_]}},
+                **_grpc_answer(status),
             }
         )
     return {"mappers": mappers}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from mesh import api, edge_policy, envoy, lint
 from mesh.api import Safety
@@ -387,15 +389,41 @@ def test_public_listeners_have_size_limits_timeouts_and_json_errors(
         assert buffer["max_request_bytes"] == policy.max_request_bytes
         mappers = hcm["local_reply_config"]["mappers"]
         json_bodies = {
-            m["filter"]["and_filter"]["filters"][0]["status_code_filter"]["comparison"]["value"][
-                "default_value"
-            ]
+            _mapper_status(m) for m in mappers if "json_format" in m["body_format_override"]
+        }
+        grpc_answers = {
+            _mapper_status(m): m
             for m in mappers
-            if "body_format_override" in m
+            if "text_format_source" in m["body_format_override"]
         }
         # jwt_authn's 403 for a token of another audience becomes 401, in both protocols.
         assert [m["status_code"] for m in mappers if "status_code" in m] == [401, 401]
         assert json_bodies == {401, 403, 408, 413, 429, 431}
+        assert set(grpc_answers) == json_bodies
+        for status, mapper in grpc_answers.items():
+            # The details a gRPC client reads must repeat its code and message exactly
+            # (grpc_status.rpc_status.from_call refuses them otherwise).
+            (added,) = mapper["headers_to_add"]
+            assert added["header"]["key"] == "grpc-status-details-bin"
+            details = status_pb2.Status.FromString(base64.b64decode(added["header"]["value"]))
+            code, reason = edge_policy.EDGE_ERRORS[401 if status == 403 else status]
+            assert details.code == code
+            assert (
+                details.message
+                == mapper["body_format_override"]["text_format_source"]["inline_string"]
+            )
+            info = error_details_pb2.ErrorInfo()
+            assert details.details[0].Unpack(info)
+            assert (info.reason, info.domain) == (reason, "meshbank.dev")
+
+
+def _mapper_status(mapper: dict[str, Any]) -> int:
+    """The HTTP status a local-reply mapper matches on (alone or first in an and_filter)."""
+    found = mapper["filter"]
+    if "and_filter" in found:
+        found = found["and_filter"]["filters"][0]
+    status: int = found["status_code_filter"]["comparison"]["value"]["default_value"]
+    return status
 
 
 def test_the_global_entry_only_forwards(configs: dict[str, dict[str, Any]]) -> None:
