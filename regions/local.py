@@ -59,6 +59,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from regions import cockroach, migrate, netns, replication, tracing
 from regions import prometheus as prom
 from regions import topology as topo
+from regions.standby_guard import StandbyGuard
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,8 @@ class Supervisor:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="health")
         self._leader: str | None = None
         self._stop = threading.Event()
+        self._standby_guard = StandbyGuard()
+        self._guard_checked = 0.0
 
     # -- the process plan --------------------------------------------------------------
 
@@ -677,6 +680,7 @@ class Supervisor:
                 for child in self.children:
                     child.poll(held=child.role in held.get(child.region, []))
                 self._check_health()
+                self._guard_standbys()
                 healthy = self._write_status(phase="running" if seeded else "seeding")
                 if not seeded and healthy:
                     seeded = self._seed(seed_deadline)
@@ -728,6 +732,32 @@ class Supervisor:
         self._leader = next(
             (r for r, f in zip(regions, primaries, strict=True) if f.result()), None
         )
+
+    def _guard_standbys(self, every: float = 5.0) -> None:
+        """Restart a member Patroni left as a standby with no primary (standby_guard)."""
+        now = time.monotonic()
+        if self.engine != "postgres" or now - self._guard_checked < every:
+            return
+        self._guard_checked = now
+        t = self.topology
+        members = dict(
+            zip(
+                t.region_names,
+                self._pool.map(
+                    lambda r: replication.patroni_get(
+                        t.patroni_port(r), "/patroni", host=t.host_of(r)
+                    )[1],
+                    t.region_names,
+                ),
+                strict=True,
+            )
+        )
+        data_dirs = {r: self.state / "db" / r / "data" for r in t.region_names}
+        for region in self._standby_guard.observe(now, members, self._leader, data_dirs):
+            for child in self.children:
+                if child.region == region and child.role == "db":
+                    # In the pool: Patroni stops PostgreSQL first, which can take seconds.
+                    self._pool.submit(child.stop, 30.0)
 
     def _prepare_database(self, timeout: float = 180.0) -> None:
         """Wait for the database, create ``meshbank`` on it and apply the migrations."""
