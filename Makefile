@@ -16,7 +16,7 @@ run: bootstrap
 
 ## test: generated-code check, ruff, mypy, buf lint + breaking, then every test
 test: bootstrap check-gen lint typecheck buf
-	$(BIN)/pytest -q -m "not extended" tests
+	$(BIN)/pytest -q --durations=15 -m "not extended" tests
 
 ## test-extended: the e2e suites that are not yet green in `make test` (bank check,
 ## fuzzing, metrics, tracing, partition drill, two flaky failover/quota tests)
