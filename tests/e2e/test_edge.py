@@ -299,6 +299,8 @@ def test_the_global_entry_forwards_refusals_from_the_edge(
     assert sent_to_services(after) == sent_to_services(before)
 
 
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
 # -- quotas ------------------------------------------------------------------------------------
 
 
@@ -308,7 +310,6 @@ def retry_after(call: grpc.Call) -> str:
     return next((str(v) for k, v in metadata if k == "retry-after"), "")
 
 
-@pytest.mark.extended  # exact service-side count is off by a few under load (note)
 def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topology) -> None:
     quota = topo.edge.partner
     token = client_token(topo, *create_partner(deployment, f"burst-{uuid.uuid4().hex[:8]}"))
@@ -349,8 +350,13 @@ def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topolog
     after = edge_stats(topo)
     rate_limited = "partner_quota.http_local_rate_limit.rate_limited"
     assert after[rate_limited] - before[rate_limited] == len(limited) + len(limited_rest)
-    # Only the calls that passed the quota reached a service (+1: the other subject's).
-    assert sent_to_services(after) - sent_to_services(before) == passed + 1
+    # Only the calls that passed the quota reached a service (+1: the other subject's):
+    # at least every one a service answered (NOT_FOUND: no such account), at most every
+    # one that was not limited (on a busy machine a few can time out on their way).
+    served = sum(1 for e in errors if e is None or cast(grpc.Call, e).code() is NOT_FOUND)
+    served += sum(1 for r in rest if r.status == 404)
+    reached = sent_to_services(after) - sent_to_services(before) - 1
+    assert served <= reached <= passed, (served, reached, passed)
     time.sleep(quota.interval_seconds)
     assert http(url, headers=bearer(token)).status == 404  # after Retry-After: passes again
 

@@ -242,13 +242,16 @@ def test_killing_one_instance_under_load_fails_no_call(deployment: Deployment) -
     wait_for(lambda: all(p["healthy"] for p in deployment.status()["processes"]), 60, "recovery")
 
 
-@pytest.mark.extended  # flaky under load (closing note): `make test-extended`
 def test_a_dead_region_fails_over_and_comes_back(deployment: Deployment) -> None:
     with steady_load(deployment) as load:
         time.sleep(1.5)
-        killed_at = time.monotonic()
+        asked_at = time.monotonic()
         out = deployment.meshbank("region", "kill", "us-east", "--roles", "service")
         assert out.returncode == 0, out.stderr
+        # The command has returned: every service process of us-east is dead (SIGKILL).
+        # (Starting the CLI takes seconds on a busy machine, so the time it was asked
+        # is not the time of the kill.)
+        killed_at = time.monotonic()
         time.sleep(6)
         restored_at = time.monotonic()
         deployment.meshbank("region", "restore", "us-east")
@@ -259,7 +262,7 @@ def test_a_dead_region_fails_over_and_comes_back(deployment: Deployment) -> None
         )
         time.sleep(4)
         end = time.monotonic()
-    assert load.regions_between(load.started, killed_at) == {"us-east"}
+    assert load.regions_between(load.started, asked_at) == {"us-east"}
     # After the kill, the next region in us-east's failover order serves.
     assert load.regions_between(killed_at + 3, restored_at) == {"us-west"}
     assert load.regions_between(end - 2, end) == {"us-east"}
