@@ -224,7 +224,9 @@ def _tracing_cluster(topology: Topology) -> Config:
                     "lb_endpoints": [
                         {
                             "endpoint": {
-                                "address": _address(topology.host, topology.tracing_otlp_port)
+                                "address": _address(
+                                    topology.shared_host, topology.tracing_otlp_port
+                                )
                             }
                         }
                     ]

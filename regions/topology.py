@@ -7,6 +7,7 @@ message: an unknown region in a failover list, a port clash, zero replicas, ...
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -118,6 +119,18 @@ class Topology:
     def host_of(self, region: str) -> str:
         """Where ``region``'s processes listen and are reached (``host`` unless netns)."""
         return self.region_hosts.get(region, self.host)
+
+    @property
+    def shared_host(self) -> str:
+        """Where every region reaches the processes they share (the trace collector).
+
+        ``host``; with regions in network namespaces, the root namespace's address on
+        their bridge (the network's first address, ``regions/netns.py``), because a
+        namespace's own loopback is not the root namespace's.
+        """
+        if self.region_network is None:
+            return self.host
+        return str(ipaddress.ip_network(self.region_network)[1])
 
     # How `meshbank render k8s` maps this topology onto clusters (None: not described).
     kubernetes: KubernetesSettings | None = None

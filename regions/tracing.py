@@ -62,7 +62,8 @@ def trace_url(topology: Topology, trace_id: str) -> str:
 
 
 def collector_endpoint(topology: Topology) -> str:
-    return f"http://{topology.host}:{topology.tracing_otlp_port}"
+    """Where services export (Phoenix's OTLP/gRPC listens on every address)."""
+    return f"http://{topology.shared_host}:{topology.tracing_otlp_port}"
 
 
 def health_url(topology: Topology) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mesh import envoy
-from regions import netns, replication, topology
+from regions import netns, replication, topology, tracing
 
 PATHS = envoy.Paths(Path("/etc/meshbank/pki"), Path("/etc/meshbank/meshbank.binpb"))
 NETWORK = netns.RegionNetwork("mbtest", ("us-east", "us-west", "eu-west"), slot=2)
@@ -77,12 +77,23 @@ def test_sidecars_and_edges_listen_on_their_region_and_reach_each_region_there(
     for r in spread.region_names:
         port_region[spread.global_port(r)] = "global"
     port_region[spread.ports["global_admin"]] = "global"
-    port_region[spread.tracing_otlp_port] = "global"  # the trace collector
+    # The trace collector, reached from inside every namespace at the root namespace's
+    # address on the bridge (each namespace's loopback is its own).
+    port_region[spread.tracing_otlp_port] = "collector"
+    expected_host = {"global": "127.0.0.1", "collector": NETWORK.root_address}
     for name, config in configs.items():
         for host, port in addresses(config):
             region = port_region[port]
-            expected = "127.0.0.1" if region == "global" else spread.host_of(region)
+            expected = expected_host.get(region) or spread.host_of(region)
             assert host == expected, (name, host, port)
+
+
+def test_services_export_traces_where_their_namespace_reaches_the_collector(
+    spread: topology.Topology,
+) -> None:
+    assert spread.shared_host == NETWORK.root_address
+    assert tracing.collector_endpoint(spread) == f"http://{NETWORK.root_address}:21071"
+    assert tracing.collector_endpoint(topology.load()) == "http://127.0.0.1:21071"
 
 
 def test_members_and_etcd_use_their_region_address(spread: topology.Topology) -> None:
