@@ -181,19 +181,24 @@ def _pause_service(ctx: FaultContext) -> Injection:
 
 def _partition(ctx: FaultContext) -> Injection:
     region = leader_region(ctx)
-    fault = drills.Fault(PARTITION, ctx.state, region)
     try:
+        fault = drills.Fault(PARTITION, ctx.state, region)
         fault.start()
     except drills.DrillError as exc:  # e.g. this deployment does not run in namespaces
         raise FaultUnavailable(str(exc)) from exc
     return DrillInjection(fault, region)
 
 
-def _partition_unavailable(_ctx: FaultContext) -> str | None:
+def _partition_unavailable(ctx: FaultContext) -> str | None:
     if PARTITION not in drills.DRILLS:
         return f"this build has no {PARTITION!r} drill (regions/drills.py)"
     if not netns.available():
         return "needs root, ip and iptables: regions run in network namespaces only then"
+    if local.read_network(ctx.state) is None:
+        return (
+            "this deployment's regions do not run in network namespaces: start it with "
+            "`MESHBANK_NETNS=1 meshbank up --detach` (root) to partition one"
+        )
     return None
 
 
