@@ -23,8 +23,7 @@ from tests.e2e.conftest import Deployment
 # loaded shared machine a scrape can take seconds.
 DEADLINE_S = 180
 # Bringing 48 processes up on a loaded 2-core machine can take minutes of its own.
-# Not yet green in `make test` (see the closing note of this change): `make test-extended`.
-pytestmark = [pytest.mark.timeout(900), pytest.mark.extended]
+pytestmark = pytest.mark.timeout(900)
 
 
 NOT_SCRAPED = {"tracing"}

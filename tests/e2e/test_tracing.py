@@ -15,12 +15,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-import pytest
-
 from tests.e2e.conftest import Deployment
-
-# Not yet green in `make test` (see the closing note of this change): `make test-extended`.
-pytestmark = pytest.mark.extended
 
 POLL_SECONDS = 45.0
 
