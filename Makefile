@@ -18,8 +18,9 @@ run: bootstrap
 test: bootstrap check-gen lint typecheck buf
 	$(BIN)/pytest -q --durations=15 -m "not extended" tests
 
-## test-extended: the e2e suites that are not yet green in `make test` (bank check,
-## fuzzing, metrics, tracing, partition drill, two flaky failover/quota tests)
+## test-extended: the e2e suites too long for `make test`: the bank check with every
+## fault kind at once, and the region-partition drill on a deployment in network
+## namespaces (root)
 test-extended: bootstrap
 	$(BIN)/pytest -v -m extended tests/e2e
 

@@ -43,7 +43,7 @@ from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
 from regions import drills
 from tests.e2e.conftest import Deployment
 
-EXAMPLES = int(os.environ.get("MESHBANK_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("MESHBANK_FUZZ_EXAMPLES", "20"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -213,10 +213,6 @@ scopes = st.lists(
     ),
     max_size=6,
 )
-
-# Not yet green in `make test` (see the closing note of this change): `make test-extended`.
-pytestmark = pytest.mark.extended
-
 
 def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """A value, or None for "leave the field unset" (a missing field)."""
