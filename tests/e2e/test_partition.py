@@ -17,8 +17,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -160,6 +163,31 @@ def test_partition_drill_loses_and_duplicates_nothing(netns_deployment: Deployme
     network = local.read_network(netns_deployment.state)
     assert network is not None
     assert all(network.rules(r) == [] for r in network.regions)  # healed
+
+
+def test_spans_from_inside_the_namespaces_reach_the_collector(
+    netns_deployment: Deployment,
+) -> None:
+    """Services and Envoys in the namespaces export to the collector in the root
+    namespace (at the bridge address): the drill's transfers are in the tracing UI,
+    with spans from a region's edge, sidecar and service."""
+    ui = netns_deployment.status()["endpoints"]["tracing_ui"]
+    query = urllib.parse.urlencode({"limit": "1000"})
+    with urllib.request.urlopen(f"{ui}/v1/projects/default/spans?{query}", timeout=20) as r:  # noqa: S310
+        spans = json.loads(r.read())["data"]
+
+    def attribute(span: dict[str, Any], name: str) -> Any:
+        flat = span.get("attributes", {})
+        nested = flat.get("meshbank", {})
+        return flat.get(f"meshbank.{name}") or (
+            nested.get(name) if isinstance(nested, dict) else None
+        )
+
+    proxies = {(attribute(s, "region"), attribute(s, "proxy")) for s in spans}
+    services = {attribute(s, "region") for s in spans if attribute(s, "service")}
+    regions = set(netns_deployment.status()["endpoints"]["edges"])
+    assert any((r, "edge") in proxies and (r, "sidecar") in proxies for r in regions), proxies
+    assert services & regions, services
 
 
 def test_down_leaves_nothing_behind(netns_deployment: Deployment) -> None:
