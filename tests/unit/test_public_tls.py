@@ -15,6 +15,7 @@ from cryptography import x509
 
 from mesh import envoy, k8s_envoy, pki, public_tls
 from regions import k8s, local, topology
+from services import cli
 
 EDGE_TLS = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
@@ -237,3 +238,18 @@ def test_kubernetes_edges_read_their_certificate_from_a_secret() -> None:
         certificate = downstream(listener)["tls_certificates"][0]
         assert certificate["certificate_chain"]["filename"] == f"{k8s.PUBLIC_TLS_DIR}/tls.crt"
     assert all(k8s.PUBLIC_TLS_SECRET in names for names in k8s.required_secrets(t).values())
+
+
+def test_meshbank_up_refuses_a_bad_own_certificate_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    own = own_certificate(tmp_path)
+    data = yaml.safe_load(topology.DEFAULT_TOPOLOGY.read_text())
+    data["edge"]["tls"] = {**own, "key_file": own_certificate(tmp_path / "b")["key_file"]}
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("MESHBANK_TOPOLOGY", str(tmp_path / "topology.yaml"))
+    monkeypatch.setenv("MESHBANK_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("MESHBANK_BASE_PORT", raising=False)
+    assert cli.main(["up", "--detach"]) == 2
+    assert "is not the key of the certificate" in capsys.readouterr().err
+    assert not (tmp_path / "state" / "supervisor.log").exists()  # nothing was started
