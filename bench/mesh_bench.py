@@ -52,7 +52,7 @@ from mesh.pki import dns_name, file_stem
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
-from regions import local
+from regions import local, public_client
 from regions.topology import Instance, Topology, TopologyError, edge_identity, service_identity
 
 OPS: dict[str, str] = {"GetAccount": "account", "CreateTransfer": "transfer"}
@@ -95,6 +95,7 @@ class Deployment:
     secrets: Mapping[str, str]
     pids: Mapping[str, int]
     database: tuple[str, ...]  # the database's processes (PostgreSQL, or Patroni and etcd)
+    ca_file: Path  # verifies the global entry (TLS only; regions/public_client.py)
 
     def replicas(self, service: str) -> list[Instance]:
         return [
@@ -149,7 +150,16 @@ def discover() -> Deployment:
         raise BenchError(f"{secrets_path} lacks {', '.join(missing)}: the demo data is not seeded")
     _check_port_plan(state, [i for i in topology.instances() if i.region == region])
     pids = {n: int(p["pid"]) for n, p in processes.items() if p.get("pid")}
-    return Deployment(state, topology, region, global_grpc, secrets, pids, tuple(database))
+    return Deployment(
+        state,
+        topology,
+        region,
+        global_grpc,
+        secrets,
+        pids,
+        tuple(database),
+        public_client.ca_file(status),
+    )
 
 
 def _port_value(address: Any) -> int:
@@ -202,7 +212,9 @@ class Fixture:
 
     def refresh_token(self) -> None:
         """A fresh 15-minute token (called before every phase, so long runs do not expire)."""
-        with grpc.insecure_channel(self.deployment.global_grpc) as channel:
+        with public_client.grpc_channel(
+            self.deployment.global_grpc, self.deployment.ca_file
+        ) as channel:
             self.token = (
                 auth_pb2_grpc.AuthServiceStub(channel)
                 .IssueClientToken(
@@ -217,7 +229,9 @@ class Fixture:
 
     def set_up(self) -> None:
         self.refresh_token()
-        with grpc.insecure_channel(self.deployment.global_grpc) as channel:
+        with public_client.grpc_channel(
+            self.deployment.global_grpc, self.deployment.ca_file
+        ) as channel:
             accounts = account_pb2_grpc.AccountServiceStub(channel)
             transfers = transfer_pb2_grpc.TransferServiceStub(channel)
 
@@ -275,7 +289,8 @@ def _channel(target: str, credentials: grpc.ChannelCredentials | None, name: str
     if credentials is None:
         channel = grpc.insecure_channel(target, options=options)
     else:
-        options.append(("grpc.ssl_target_name_override", name))
+        if name:  # a sidecar: its certificate names its identity, not the address
+            options.append(("grpc.ssl_target_name_override", name))
         channel = grpc.secure_channel(target, credentials, options=options)
     try:
         grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT)
@@ -310,11 +325,13 @@ class Client:
                 for i in deployment.replicas(service)
             ]
         else:
-            targets = [(deployment.global_grpc, None)]
+            targets = [(deployment.global_grpc, public_client.credentials(deployment.ca_file))]
+        # The global entry's certificate names its address; a sidecar's, its identity.
+        name = dns_name(identity) if path == "sidecar" else ""
         self.channels: list[grpc.Channel] = []
         try:
             for target, creds in targets:
-                self.channels.append(_channel(target, creds, dns_name(identity)))
+                self.channels.append(_channel(target, creds, name))
         except BenchError:
             self.close()
             raise

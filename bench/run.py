@@ -58,7 +58,7 @@ from bench.mesh_bench import (
 )
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
-from regions import drills, local
+from regions import drills, local, public_client
 from regions.topology import TopologyError
 
 PGBENCH = Path("/usr/lib/postgresql/15/bin/pgbench")
@@ -87,7 +87,9 @@ def open_pool(fixture: Fixture, count: int, run_id: str) -> Pool:
     fixture.refresh_token()
 
     def one(n: int) -> str:
-        with grpc.insecure_channel(fixture.deployment.global_grpc) as channel:
+        with public_client.grpc_channel(
+            fixture.deployment.global_grpc, fixture.deployment.ca_file
+        ) as channel:
             md = tuple(fixture.metadata)
             treasury = fixture.deployment.secrets["demo_treasury"]
             return drills.open_funded_account(

@@ -21,9 +21,8 @@
   gRPC clients, with a fixed message per status (the details must repeat the
   ``grpc-message`` exactly, and a header value cannot be computed per request).
 
-TLS on the public listeners is not configured yet: it would go into ``edge``'s and
-``global_entry``'s listener ``filter_chains`` (a ``transport_socket`` with a
-``DownstreamTlsContext``) and changes nothing here.
+The public listeners serve TLS only (mesh/envoy.py, mesh/public_tls.py), so the JWKS
+fetch through the edge's own listener is HTTPS too, verifying the edge's certificate.
 """
 
 from __future__ import annotations
@@ -88,7 +87,7 @@ def jwt_authn(topology: Topology, region: str) -> Config:
     rules += [{"match": {"prefix": p}} for p in PUBLIC_PREFIXES]
     # The catch-all comes last: a path nobody listed needs a token.
     rules.append({"match": {"prefix": "/"}, "requires": {"provider_name": PROVIDER}})
-    jwks_uri = f"http://{topology.host_of(region)}:{topology.edge_port(region)}{JWKS_PATH}"
+    jwks_uri = f"https://{topology.host_of(region)}:{topology.edge_port(region)}{JWKS_PATH}"
     return {
         "name": JWT_FILTER,
         "typed_config": {
@@ -130,10 +129,12 @@ def jwt_authn(topology: Topology, region: str) -> Config:
     }
 
 
-def jwks_cluster(topology: Topology, region: str) -> Config:
-    """The edge's own listener, where ``GET /v1/auth/jwks`` is transcoded to GetJwks."""
+def jwks_cluster(topology: Topology, region: str, transport_socket: Config) -> Config:
+    """The edge's own listener, where ``GET /v1/auth/jwks`` is transcoded to GetJwks,
+    reached over ``transport_socket`` (TLS verifying the edge's public certificate)."""
     return {
         "name": JWKS_CLUSTER,
+        "transport_socket": transport_socket,
         "type": "STATIC",
         "connect_timeout": "0.25s",
         "load_assignment": {

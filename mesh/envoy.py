@@ -10,6 +10,11 @@
   region's edge first and to the next-nearest healthy edge when it is down (what
   GeoDNS/anycast does in production).
 
+The public listeners (edges and global entry) terminate TLS (``_public_tls``: TLS 1.2+,
+ALPN ``h2``/``http/1.1``, certificates from ``mesh.public_tls``); the global entry
+re-encrypts to the edges and verifies each edge's certificate by name. Only the admin
+listeners, on loopback, are plaintext.
+
 The traps measured on these machines (DESIGN.md) are handled here and checked by
 ``mesh.lint``: explicit HTTP/2 upstreams, ``no_traffic_interval`` equal to the health
 check interval, ``healthy_panic_threshold`` 0, ``max_ejection_percent`` 100 so a whole
@@ -26,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from mesh import api, edge_policy, openapi
+from mesh import api, edge_policy, openapi, public_tls
 from mesh.api import Safety
 from regions.topology import Instance, Topology, edge_identity, service_identity
 
@@ -68,6 +73,12 @@ class Paths:
     descriptor: Path
     # "postgres" (Patroni health endpoints) or "cockroachdb" (every node serves SQL).
     database: str = "postgres"
+    # Every public listener's certificate when it is not where the topology says
+    # (Kubernetes: a Secret volume); None: mesh.public_tls.files.
+    public: public_tls.PublicCert | None = None
+
+    def public_cert(self, topology: Topology, listener: str) -> public_tls.PublicCert:
+        return self.public or public_tls.files(topology, self.pki_dir, listener)
 
     def cert(self, stem: str) -> str:
         return str(self.pki_dir / f"{stem}.crt")
@@ -156,6 +167,80 @@ def _downstream_mtls(paths: Paths, own: str, peers: Iterable[str]) -> Config:
             "common_tls_context": _common_tls(paths, own, peers),
         },
     }
+
+
+# Partners' clients: nothing older than TLS 1.2 (Envoy's default minimum for servers
+# too, written out so that a changed default cannot lower it).
+TLS_PARAMS: Config = {"tls_minimum_protocol_version": "TLSv1_2"}
+PUBLIC_ALPN = ["h2", "http/1.1"]  # gRPC and REST/JSON on one port
+
+
+def _public_tls(cert: public_tls.PublicCert) -> Config:
+    """A public listener's TLS: server authentication only (partners authenticate with
+    tokens), HTTP/2 or HTTP/1.1 by ALPN."""
+    return {
+        "name": TLS_SOCKET,
+        "typed_config": {
+            "@type": EXT + "transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "tls_params": TLS_PARAMS,
+                "alpn_protocols": PUBLIC_ALPN,
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(cert.cert)},
+                        "private_key": {"filename": str(cert.key)},
+                    }
+                ],
+            },
+        },
+    }
+
+
+def public_upstream_tls(cert: public_tls.PublicCert, name: str, alpn: str) -> Config:
+    """TLS to a public listener (the global entry to an edge, an edge to itself for the
+    JWKS): SNI ``name``, and the certificate must chain to ``cert.ca`` and name it."""
+    return {
+        "name": TLS_SOCKET,
+        "typed_config": {
+            "@type": EXT + "transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": name,
+            "common_tls_context": {
+                "tls_params": TLS_PARAMS,
+                "alpn_protocols": [alpn],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(cert.ca)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": name}}
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _edges_over_tls(cluster: Config, topology: Topology, paths: Paths) -> Config:
+    """Each edge endpoint verified by its own region's name: one transport socket per
+    region, chosen by the endpoint's metadata (a cluster has one SNI otherwise)."""
+    matches = []
+    for locality in cluster["load_assignment"]["endpoints"]:
+        region = locality["locality"]["region"]
+        for lb_endpoint in locality["lb_endpoints"]:
+            lb_endpoint["metadata"] = {
+                "filter_metadata": {"envoy.transport_socket_match": {"edge": region}}
+            }
+    for region in topology.region_names:
+        cert = paths.public_cert(topology, region)
+        matches.append(
+            {
+                "name": f"edge_{region}",
+                "match": {"edge": region},
+                "transport_socket": public_upstream_tls(
+                    cert, public_tls.server_name(topology, region), "h2"
+                ),
+            }
+        )
+    cluster["transport_socket_matches"] = matches
+    return cluster
 
 
 def _router() -> Config:
@@ -730,13 +815,24 @@ def edge(topology: Topology, region: str, paths: Paths) -> Config:
                 "name": "edge",
                 "address": _address(host, topology.edge_port(region)),
                 "filter_chains": [
-                    {"filters": [_edge_hcm(topology, region, routes, health, transcoder)]}
+                    {
+                        "filters": [_edge_hcm(topology, region, routes, health, transcoder)],
+                        "transport_socket": _public_tls(paths.public_cert(topology, region)),
+                    }
                 ],
             }
         ],
         "clusters": [
             *clusters,
-            edge_policy.jwks_cluster(topology, region),
+            edge_policy.jwks_cluster(
+                topology,
+                region,
+                public_upstream_tls(
+                    paths.public_cert(topology, region),
+                    public_tls.server_name(topology, region),
+                    "http/1.1",
+                ),
+            ),
             _tracing_cluster(topology),
         ],
     }
@@ -772,7 +868,7 @@ def _edge_hcm(
     )
 
 
-def global_entry(topology: Topology) -> Config:
+def global_entry(topology: Topology, paths: Paths) -> Config:
     host = topology.host
     config = _bootstrap("global", "global", topology.ports["global_admin"], host)
     listeners = []
@@ -783,8 +879,12 @@ def global_entry(topology: Topology) -> Config:
             r: [(topology.region(r).zones[0], topology.edge_port(r))] for r in topology.region_names
         }
         clusters.append(
-            _locality_cluster(
-                cluster, topology, location, endpoints, _health_check("http", "/healthz"), None
+            _edges_over_tls(
+                _locality_cluster(
+                    cluster, topology, location, endpoints, _health_check("http", "/healthz"), None
+                ),
+                topology,
+                paths,
             )
         )
         routes = {
@@ -840,7 +940,10 @@ def global_entry(topology: Topology) -> Config:
                                 # edges key the login quota on it.
                                 use_remote_address=True,
                             )
-                        ]
+                        ],
+                        "transport_socket": _public_tls(
+                            paths.public_cert(topology, public_tls.GLOBAL)
+                        ),
                     }
                 ],
             }
@@ -852,7 +955,7 @@ def global_entry(topology: Topology) -> Config:
 
 def render(topology: Topology, paths: Paths) -> dict[str, Config]:
     """Every proxy's configuration, by file name."""
-    configs: dict[str, Config] = {"global.yaml": global_entry(topology)}
+    configs: dict[str, Config] = {"global.yaml": global_entry(topology, paths)}
     for region in topology.region_names:
         configs[f"{region}-edge.yaml"] = edge(topology, region, paths)
     for instance in topology.instances():

@@ -5,11 +5,17 @@ One CA, and one certificate per identity: each service in each region
 SPIFFE id is the certificate's only URI SAN, which is what the sidecars match on. Keys
 are ECDSA P-256; files are written mode 0600. Existing, still-valid files are kept, so
 a second ``meshbank up`` does not re-issue everything.
+
+The same CA also signs the *public* server certificates of the edges' and the global
+entry's partner-facing listeners (:meth:`LocalCA.issue_server`): plain TLS server
+certificates named by the DNS names and addresses clients dial, with no SPIFFE id, so
+a public certificate can never pass for a mesh identity at a sidecar.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -62,6 +68,40 @@ def _still_valid(path: Path, now: dt.datetime) -> bool:
         return False
     cert = x509.load_pem_x509_certificate(path.read_bytes())
     return cert.not_valid_after_utc - now > RENEW_BEFORE
+
+
+@dataclass(frozen=True)
+class ServerNames:
+    """What a public server certificate must name: the DNS names and IP addresses
+    clients use to reach the listener (checked by every TLS client, gRPC included)."""
+
+    dns: tuple[str, ...]
+    ips: tuple[str, ...]
+
+    def general_names(self) -> list[x509.GeneralName]:
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(self.dns)]
+        names += [x509.IPAddress(ipaddress.ip_address(i)) for i in dict.fromkeys(self.ips)]
+        return names
+
+
+def subject_alt_names(cert: x509.Certificate) -> ServerNames:
+    """The DNS and IP SANs of ``cert`` (empty when it has no SAN extension)."""
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ServerNames((), ())
+    return ServerNames(
+        tuple(ext.get_values_for_type(x509.DNSName)),
+        tuple(str(i) for i in ext.get_values_for_type(x509.IPAddress)),
+    )
+
+
+def _names_match(path: Path, names: ServerNames) -> bool:
+    """Whether the certificate at ``path`` names exactly ``names`` (a changed address,
+    netns mode or an extra name from the topology means issuing it again)."""
+    have = subject_alt_names(x509.load_pem_x509_certificate(path.read_bytes()))
+    want_ips = {str(ipaddress.ip_address(i)) for i in names.ips}
+    return set(have.dns) == set(names.dns) and set(have.ips) == want_ips
 
 
 class LocalCA:
@@ -146,6 +186,45 @@ class LocalCA:
                     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
                 ),
                 critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write(cred.key, _key_pem(key))
+        _write(cred.cert, cert.public_bytes(serialization.Encoding.PEM))
+        return cred
+
+    def issue_server(self, stem: str, names: ServerNames) -> Credential:
+        """A TLS server certificate for a public listener, kept while valid and still
+        naming exactly ``names``; otherwise issued again (key included)."""
+        if not names.dns and not names.ips:
+            raise ValueError(f"a server certificate for {stem} needs at least one name")
+        self.ensure_ca()
+        cred = Credential(self.directory / f"{stem}.crt", self.directory / f"{stem}.key")
+        now = dt.datetime.now(dt.UTC)
+        if _still_valid(cred.cert, now) and cred.key.exists() and _names_match(cred.cert, names):
+            return cred
+        ca_key = serialization.load_pem_private_key(self._ca_key_path.read_bytes(), None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        ca_cert = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + LEAF_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(names.general_names()), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            # Strict (RFC 5280 / CA/B Forum) verifiers require the key identifiers.
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
             .sign(ca_key, hashes.SHA256())
         )

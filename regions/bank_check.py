@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import grpc
 import sqlalchemy as sa
 
-from regions import drills, local, nemesis, replication
+from regions import drills, local, nemesis, public_client, replication
 from regions.bank_checker import (
     Ledger,
     Outcome,
@@ -304,9 +304,10 @@ def run(
     # primary_url waits up to 30 s for a leader, and says so if there is none.
     creds = app.auth_admin(local.primary_url(state, topology)).create_partner(tag, SCOPES)
     principal = f"partners/{creds.client_id}"
-    tokens = TokenSource(entry, creds.client_id, creds.client_secret)
+    ca_file = public_client.ca_file(status)
+    tokens = TokenSource(entry, ca_file, creds.client_id, creds.client_secret)
     treasury = secret["demo_treasury"]
-    with grpc.insecure_channel(entry) as channel:
+    with public_client.grpc_channel(entry, ca_file) as channel:
         token = _setup_call("issuing the check's token", tokens.get)
         funder_token = _setup_call(
             "issuing the treasury's token", lambda: drills.partner_token(channel, secret)
@@ -350,6 +351,7 @@ def run(
         tokens,
         principal,
         accounts,
+        ca_file,
         clients=options.clients,
         max_amount=options.max_amount,
         seed=seed,

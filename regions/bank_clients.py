@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -32,6 +33,7 @@ from google.rpc import code_pb2
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+from regions import public_client
 from regions.bank_checker import ReadOp, TransferOp, classify
 from regions.workload import RETRYABLE, retry_same_request
 
@@ -65,11 +67,12 @@ def _md(token: str) -> tuple[tuple[str, str]]:
 @dataclass
 class GrpcTransport:
     address: str
+    ca_file: Path
     timeout: float = 5.0
     protocol: str = "grpc"
 
     def __post_init__(self) -> None:
-        self._channel = grpc.insecure_channel(self.address)
+        self._channel = public_client.grpc_channel(self.address, self.ca_file)
         self._transfers = transfer_pb2_grpc.TransferServiceStub(self._channel)
         self._accounts = account_pb2_grpc.AccountServiceStub(self._channel)
 
@@ -114,14 +117,20 @@ def rest_status(http_status: int, body: bytes) -> str:
 @dataclass
 class RestTransport:
     address: str
+    ca_file: Path
     timeout: float = 5.0
     protocol: str = "rest"
-    _conn: http.client.HTTPConnection | None = field(default=None, init=False)
+    _conn: http.client.HTTPSConnection | None = field(default=None, init=False)
 
     def _call(self, method: str, path: str, token: str, body: bytes | None) -> tuple[int, bytes]:
         if self._conn is None:
             host, port = self.address.rsplit(":", 1)
-            self._conn = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+            self._conn = http.client.HTTPSConnection(
+                host,
+                int(port),
+                timeout=self.timeout,
+                context=public_client.ssl_context(self.ca_file),
+            )
         headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
         try:
             self._conn.request(method, path, body=body, headers=headers)
@@ -158,11 +167,11 @@ class RestTransport:
             self._conn = None
 
 
-def transport(protocol: str, address: str) -> Transport:
+def transport(protocol: str, address: str, ca_file: Path) -> Transport:
     if protocol == "grpc":
-        return GrpcTransport(address)
+        return GrpcTransport(address, ca_file)
     if protocol == "rest":
-        return RestTransport(address)
+        return RestTransport(address, ca_file)
     raise ValueError(f"unknown protocol {protocol!r}")
 
 
@@ -171,9 +180,15 @@ class TokenSource:
     a long check outlives several). A failed refresh keeps the current token."""
 
     def __init__(
-        self, address: str, client_id: str, client_secret: str, refresh_after: float = 300.0
+        self,
+        address: str,
+        ca_file: Path,
+        client_id: str,
+        client_secret: str,
+        refresh_after: float = 300.0,
     ) -> None:
         self._address = address
+        self._ca_file = ca_file
         self._client_id = client_id
         self._client_secret = client_secret
         self._refresh_after = refresh_after
@@ -182,7 +197,7 @@ class TokenSource:
         self._issued = 0.0
 
     def _issue(self) -> str:
-        with grpc.insecure_channel(self._address) as channel:
+        with public_client.grpc_channel(self._address, self._ca_file) as channel:
             reply = auth_pb2_grpc.AuthServiceStub(channel).IssueClientToken(
                 auth_pb2.IssueClientTokenRequest(
                     client_id=self._client_id, client_secret=self._client_secret
@@ -212,6 +227,7 @@ class BankClients:
     tokens: TokenSource
     principal: str
     accounts: Sequence[str]
+    ca_file: Path  # verifies the global entry (regions/public_client.py)
     clients: int = 4
     max_amount: int = 2_500
     seed: int = 0
@@ -248,7 +264,7 @@ class BankClients:
 
     def _transfer_loop(self, n: int, protocol: str, address: str) -> None:
         rng = random.Random(self.seed * 1000 + n)  # noqa: S311 - load shape, not security
-        conn = transport(protocol, address)
+        conn = transport(protocol, address, self.ca_file)
         try:
             while not self._stop.is_set():
                 source, destination = rng.sample(list(self.accounts), 2)
@@ -290,7 +306,7 @@ class BankClients:
             self.transfers.append(op)
 
     def _read_loop(self, _n: int, _protocol: str, address: str) -> None:
-        conns = [transport("grpc", address), transport("rest", address)]
+        conns = [transport("grpc", address, self.ca_file), transport("rest", address, self.ca_file)]
         try:
             for turn in itertools.count():
                 if self._stop.wait(self.read_interval):

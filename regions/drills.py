@@ -43,7 +43,7 @@ import sqlalchemy as sa
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
-from regions import local, replication
+from regions import local, public_client, replication
 from regions.topology import Topology
 from regions.workload import Workload, longest_gap, outage_after
 from services.ledger import invariants
@@ -371,12 +371,13 @@ def run(
     # region's services and database member all go down together in region-kill.
     address = status["endpoints"]["global"][leader]
     tag = f"drill-{name}-{uuid.uuid4().hex[:8]}"
-    with grpc.insecure_channel(address) as channel:
+    ca_file = public_client.ca_file(status)
+    with public_client.grpc_channel(address, ca_file) as channel:
         token = partner_token(channel, secret)
         accounts = open_accounts(channel, token, secret["demo_treasury"], tag)
     log(f"{tag}: {ACCOUNTS} accounts opened; leader is {leader}")
 
-    workload = Workload(address, token, accounts)
+    workload = Workload(address, token, accounts, ca_file)
     t0 = time.monotonic()
     workload.start()
     time.sleep(warmup)

@@ -34,12 +34,18 @@ import yaml
 
 from mesh import api, envoy, k8s_envoy
 from mesh.k8s_envoy import POD
+from mesh.public_tls import PublicCert
 from regions.k8s_settings import KubernetesSettings, image_problem
 from regions.topology import Region, Topology
 
 Manifest = dict[str, Any]
 
 TLS_DIR = Path("/etc/meshbank/tls")
+# The edges' partner-facing certificate: a Secret of type kubernetes.io/tls (tls.crt,
+# tls.key, and ca.crt: what the edge's JWKS fetch through its own listener verifies),
+# e.g. filled by a cert-manager Certificate. Never written into the manifests.
+PUBLIC_TLS_DIR = Path("/etc/meshbank/public-tls")
+PUBLIC_TLS_SECRET = "meshbank-edge-public-tls"  # noqa: S105 - a Secret name
 DB_CERTS_DIR = "/etc/meshbank/db"
 ENVOY_DIR = "/etc/meshbank/envoy"
 API_DIR = "/etc/meshbank/api"
@@ -106,7 +112,10 @@ def primary_region(topology: Topology) -> str:
 
 
 def envoy_paths() -> envoy.Paths:
-    return envoy.Paths(TLS_DIR, Path(API_DIR) / DESCRIPTOR_NAME, "cockroachdb")
+    public = PublicCert(
+        PUBLIC_TLS_DIR / "tls.crt", PUBLIC_TLS_DIR / "tls.key", PUBLIC_TLS_DIR / "ca.crt"
+    )
+    return envoy.Paths(TLS_DIR, Path(API_DIR) / DESCRIPTOR_NAME, "cockroachdb", public=public)
 
 
 def database_url(host: str, port: int) -> str:
@@ -234,8 +243,12 @@ def _envoy_container(
     probe_port: int,
     ports: list[Manifest],
     concurrency: int,
+    probe_scheme: str = "HTTP",
 ) -> Manifest:
-    probe = {"httpGet": {"path": "/healthz", "port": probe_port}}
+    probe: Manifest = {"httpGet": {"path": "/healthz", "port": probe_port}}
+    if probe_scheme != "HTTP":
+        # The kubelet does not verify an HTTPS probe's certificate (it only needs TLS).
+        probe["httpGet"]["scheme"] = probe_scheme
     return {
         "name": name,
         "image": image,
@@ -565,10 +578,15 @@ class _RegionRenderer:
             "envoy",
             self.images["envoy"],
             EDGE_RESOURCES,
-            [_mount("mesh-tls", str(TLS_DIR)), _mount("api-descriptor", API_DIR)],
+            [
+                _mount("mesh-tls", str(TLS_DIR)),
+                _mount("public-tls", str(PUBLIC_TLS_DIR)),
+                _mount("api-descriptor", API_DIR),
+            ],
             POD.edge,
             [{"name": "api", "containerPort": POD.edge}],
             concurrency=2,
+            probe_scheme="HTTPS",  # the edge's only listener serves TLS only
         )
         pod_spec: Manifest = {
             "serviceAccountName": name,
@@ -583,6 +601,11 @@ class _RegionRenderer:
                 _config_volume("api-descriptor", "meshbank-api-descriptor"),
                 _secret_volume(
                     "mesh-tls", "meshbank-tls-edge", _tls_items(f"{self.region.name}-edge")
+                ),
+                _secret_volume(
+                    "public-tls",
+                    PUBLIC_TLS_SECRET,
+                    {"tls.crt": "tls.crt", "tls.key": "tls.key", "ca.crt": "ca.crt"},
                 ),
                 _tmp_volume(),
             ],
@@ -983,7 +1006,13 @@ def required_secrets(topology: Topology) -> dict[str, list[str]]:
     needs: dict[str, list[str]] = {}
     for region in topology.region_names:
         names = [f"meshbank-tls-{s}" for s in topology.services]
-        names += ["meshbank-tls-edge", "meshbank-db-client", "meshbank-auth", "cockroachdb-node"]
+        names += [
+            "meshbank-tls-edge",
+            PUBLIC_TLS_SECRET,
+            "meshbank-db-client",
+            "meshbank-auth",
+            "cockroachdb-node",
+        ]
         if region == primary_region(topology):
             names.append("cockroachdb-client-root")
         needs[settings.namespace(region)] = sorted(names)

@@ -14,7 +14,8 @@ reverse order. Everything it knows is in the state folder:
     state/supervisor.pid the supervisor's PID while it runs
     state/status.json    processes, PIDs, health and endpoints, rewritten every second
     state/control.json   regions/roles held down by `meshbank region kill` (drills)
-    state/pki/           the local CA and one certificate per identity
+    state/pki/           the local CA, one certificate per identity, and the public
+                         listeners' server certificates (*-public.crt; clients trust ca.crt)
     state/mesh/          the generated Envoy configs
     state/logs/          one log per process
     state/db/REGION/     each member's Patroni config and PostgreSQL data (kept across up/down)
@@ -77,6 +78,11 @@ class LocalError(RuntimeError):
 
 def state_dir(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env.get("MESHBANK_STATE_DIR", Path.cwd() / ".meshbank")).resolve()
+
+
+def public_ca_file(state: Path, topology: topo.Topology) -> Path:
+    """The CA file that verifies the edges and the global entry (mesh/public_tls.py)."""
+    return Path(topology.edge.tls.ca_file or state / "pki" / "ca.crt")
 
 
 def load_topology(env: Mapping[str, str] = os.environ) -> topo.Topology:
@@ -647,6 +653,12 @@ class Supervisor:
 
         for identity in envoy_config.identities(self.topology):
             self._ca.issue(identity)
+        from mesh import public_tls
+
+        try:
+            public_tls.ensure(self.topology, self._ca)
+        except public_tls.PublicTlsError as exc:
+            raise LocalError(str(exc)) from None
         envoy_config.write(self.topology, self._paths, self.state / "mesh")
         prom.write(self.topology, self.state / "prometheus", self.engine)
 
@@ -825,8 +837,11 @@ class Supervisor:
         t = self.topology
         location = t.default_location
         return {
+            # TLS only: gRPC to global_grpc and REST to global_url verify ca_cert.
             "global_grpc": f"{t.host}:{t.global_port(location)}",
             "global_rest": f"{t.host}:{t.global_port(location)}",
+            "global_url": f"https://{t.host}:{t.global_port(location)}",
+            "ca_cert": str(public_ca_file(self.state, t)),
             "default_location": location,
             "global": {r: f"{t.host}:{t.global_port(r)}" for r in t.region_names},
             "edges": {r: f"{t.host_of(r)}:{t.edge_port(r)}" for r in t.region_names},

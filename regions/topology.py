@@ -22,6 +22,10 @@ from regions.k8s_settings import parse as parse_kubernetes
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topology.yaml"
 SERVICE_NAMES = ("auth", "account", "transfer")
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+# A host name a certificate can name and a client can send as SNI (lower case).
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
 PORTS_PER_INSTANCE = 6
 
 
@@ -84,6 +88,29 @@ class Quota:
 
 
 @dataclass(frozen=True)
+class EdgeTls:
+    """The public listeners' certificate (``edge.tls`` of the topology).
+
+    By default each edge and the global entry get a certificate from the local CA
+    (``mesh/pki.py``) naming ``localhost``, the loopback addresses, the listener's own
+    address and ``extra_names``. With ``cert_file``/``key_file``/``ca_file`` every
+    public listener serves that certificate instead (one covering every partner-facing
+    name), and the global entry and the edges' JWKS fetch verify it against
+    ``ca_file`` by ``server_name``. The files are checked at start (mesh/public_tls.py).
+    """
+
+    extra_names: tuple[str, ...] = ()
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    server_name: str | None = None
+
+    @property
+    def own_certificate(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class EdgePolicy:
     """What every edge enforces on partner traffic (the ``edge`` section of the topology).
 
@@ -101,6 +128,7 @@ class EdgePolicy:
     request_headers_timeout_seconds: int = 10
     request_timeout_seconds: int = 30
     stream_idle_timeout_seconds: int = 30
+    tls: EdgeTls = EdgeTls()
 
 
 @dataclass(frozen=True)
@@ -292,9 +320,9 @@ def _edge_policy(raw: Any, problems: list[str]) -> EdgePolicy:
     if not isinstance(raw, dict):
         problems.append("edge: must be a mapping with quotas and limits")
         return default
-    unknown = set(raw) - {"quotas", "limits"}
+    unknown = set(raw) - {"quotas", "limits", "tls"}
     if unknown:
-        problems.append(f"edge: unknown keys {sorted(unknown)} (known: quotas, limits)")
+        problems.append(f"edge: unknown keys {sorted(unknown)} (known: quotas, limits, tls)")
     quotas = raw.get("quotas") or {}
     limits = raw.get("limits") or {}
     if not isinstance(quotas, dict) or not isinstance(limits, dict):
@@ -320,8 +348,65 @@ def _edge_policy(raw: Any, problems: list[str]) -> EdgePolicy:
     return EdgePolicy(
         partner=_quota(quotas.get("partner"), "edge.quotas.partner", default.partner, problems),
         login=_quota(quotas.get("login"), "edge.quotas.login", default.login, problems),
+        tls=_edge_tls(raw.get("tls"), problems),
         **values,
     )
+
+
+def _dns_or_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return bool(_DNS_NAME.match(name))
+    return True
+
+
+_TLS_FILES = ("cert_file", "key_file", "ca_file", "server_name")
+
+
+def _edge_tls(raw: Any, problems: list[str]) -> EdgeTls:
+    """``edge.tls``: extra names for the local CA's certificates, or one's own files.
+
+    Only the shape is checked here; that the files exist, that the key matches the
+    certificate and that the certificate names ``server_name`` is checked when the
+    deployment starts (mesh/public_tls.py), where the files are read.
+    """
+    if raw is None:
+        return EdgeTls()
+    if not isinstance(raw, dict):
+        problems.append("edge.tls: must be a mapping (extra_names, or cert_file, key_file, ...)")
+        return EdgeTls()
+    unknown = set(raw) - {"extra_names", *_TLS_FILES}
+    if unknown:
+        problems.append(
+            f"edge.tls: unknown keys {sorted(unknown)} "
+            f"(known: extra_names, {', '.join(_TLS_FILES)})"
+        )
+    extra = raw.get("extra_names") or []
+    if not isinstance(extra, list) or not all(isinstance(n, str) and _dns_or_ip(n) for n in extra):
+        problems.append("edge.tls.extra_names: a list of DNS names or IP addresses")
+        extra = []
+    given = {k: raw[k] for k in _TLS_FILES if raw.get(k) is not None}
+    for key, value in given.items():
+        if not isinstance(value, str) or not value:
+            problems.append(f"edge.tls.{key}: must be a non-empty string")
+        elif key != "server_name" and not Path(value).is_absolute():
+            # Envoy and the clients run from other directories than the one reading this.
+            problems.append(f"edge.tls.{key}: must be an absolute path, got {value!r}")
+    if given and set(given) != set(_TLS_FILES):
+        missing = sorted(set(_TLS_FILES) - set(given))
+        problems.append(
+            f"edge.tls: an own certificate needs all of {list(_TLS_FILES)}; missing {missing}"
+        )
+    if given and extra:
+        problems.append(
+            "edge.tls.extra_names: only for the local CA's certificates (not with cert_file)"
+        )
+    name = given.get("server_name")
+    if isinstance(name, str) and not _DNS_NAME.match(name):
+        problems.append(f"edge.tls.server_name: not a DNS name: {name!r}")
+    files = {k: str(v) for k, v in given.items()} if set(given) == set(_TLS_FILES) else {}
+    return EdgeTls(tuple(str(n) for n in extra), **files)
 
 
 def parse(data: Any, source: str = "<topology>") -> Topology:

@@ -16,12 +16,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+from regions import public_client
 
 RETRYABLE = frozenset(
     {
@@ -62,6 +64,7 @@ class Workload:
     address: str
     token: str
     accounts: list[str]
+    ca_file: Path  # verifies the global entry (regions/public_client.py)
     writers: int = 3
     readers: int = 2
     retry_window: float = 30.0
@@ -94,7 +97,7 @@ class Workload:
 
     def _write_loop(self, n: int) -> None:
         rng = random.Random(n)  # noqa: S311 - load shape, not security
-        with grpc.insecure_channel(self.address) as channel:
+        with public_client.grpc_channel(self.address, self.ca_file) as channel:
             stub = transfer_pb2_grpc.TransferServiceStub(channel)
             while not self._stop.is_set():
                 source, destination = rng.sample(self.accounts, 2)
@@ -141,7 +144,7 @@ class Workload:
 
     def _read_loop(self, n: int) -> None:
         rng = random.Random(1000 + n)  # noqa: S311
-        with grpc.insecure_channel(self.address) as channel:
+        with public_client.grpc_channel(self.address, self.ca_file) as channel:
             stub = account_pb2_grpc.AccountServiceStub(channel)
             while not self._stop.is_set():
                 started = time.monotonic()

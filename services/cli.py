@@ -105,6 +105,16 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     state = local.state_dir()
+    from mesh import public_tls
+
+    # Refused here with the reason, before anything starts (the supervisor checks again).
+    topology = local.load_topology()
+    if topology.edge.tls.own_certificate:
+        try:
+            public_tls.check_own(topology)
+        except public_tls.PublicTlsError as exc:
+            print(f"meshbank up: {exc}", file=sys.stderr)
+            return 2
     if args.detach:
         status = local.start_detached(state, timeout=args.timeout)
         from services.seed import print_quickstart
@@ -114,7 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if local.supervisor_pid(state) is not None:
         print(f"meshbank is already running (state in {state}); `meshbank down` stops it")
         return 1
-    local.Supervisor(state, local.load_topology()).run()
+    local.Supervisor(state, topology).run()
     return 0
 
 

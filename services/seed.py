@@ -14,12 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
-from regions import local
+from regions import local, public_client
 from services import app
 from services.common import errors
 from services.common.principal import ALL_SCOPES
@@ -46,7 +44,7 @@ def seed_demo(state: Path, secret: dict[str, str], endpoints: Mapping[str, str])
         local.save_secrets(state, secret)
 
     # Through the global entry, like any client: this also proves the whole path works.
-    with grpc.insecure_channel(endpoints["global_grpc"]) as channel:
+    with public_client.grpc_channel(endpoints["global_grpc"], endpoints["ca_cert"]) as channel:
         auth = auth_pb2_grpc.AuthServiceStub(channel)
         accounts = account_pb2_grpc.AccountServiceStub(channel)
         transfers = transfer_pb2_grpc.TransferServiceStub(channel)
@@ -98,6 +96,7 @@ def print_quickstart(state: Path, status: Mapping[str, Any]) -> None:
     secret = local.load_secrets(state)
     ep = status["endpoints"]
     entry = ep["global_rest"]
+    ca = shlex.quote(ep["ca_cert"])
     venv_bin = Path(__file__).resolve().parent.parent / ".venv" / "bin"
     grpcurl = venv_bin / "grpcurl" if (venv_bin / "grpcurl").exists() else Path("grpcurl")
     login = shlex.quote(json.dumps({"username": DEMO_USER, "password": secret["demo_password"]}))
@@ -120,7 +119,8 @@ def print_quickstart(state: Path, status: Mapping[str, Any]) -> None:
         f"""
 meshbank is up: {running} processes healthy in {regions} (state in {state}).
 
-  global entry (clients in {ep["default_location"]}): {entry}   gRPC and REST/JSON
+  global entry (clients in {ep["default_location"]}): {ep["global_url"]}   gRPC and REST/JSON
+  TLS only; clients verify the server with the CA {ep["ca_cert"]}
   global entry per client location:
 {per_location}
   regional edges:
@@ -132,21 +132,25 @@ Demo user 'demo' (password {secret["demo_password"]}) owns Checking
 {secret["demo_checking"]} (funded with 1,000.00 USD) and Savings {secret["demo_savings"]}.
 
 REST (the partner API):
-  TOKEN=$(curl -s -X POST http://{entry}/v1/auth:login -d {login} \\
+  export MESHBANK_CA={ca}
+  TOKEN=$(curl -s --cacert "$MESHBANK_CA" -X POST https://{entry}/v1/auth:login -d {login} \\
       | python3 -c 'import json,sys; print(json.load(sys.stdin)["accessToken"])')
-  curl -s -X POST http://{entry}/v1/transfers -H "authorization: Bearer $TOKEN" -d {rest_body}
-  curl -s http://{entry}/v1/accounts/{secret["demo_checking"]}/transfers \\
+  curl -s --cacert "$MESHBANK_CA" -X POST https://{entry}/v1/transfers \\
+      -H "authorization: Bearer $TOKEN" -d {rest_body}
+  curl -s --cacert "$MESHBANK_CA" https://{entry}/v1/accounts/{secret["demo_checking"]}/transfers \\
       -H "authorization: Bearer $TOKEN"
 
 gRPC (the internal API; the same methods):
-  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" -d {grpc_body} \\
+  {grpcurl} -cacert "$MESHBANK_CA" -H "authorization: Bearer $TOKEN" -d {grpc_body} \\
       {entry} meshbank.transfer.v1.TransferService/CreateTransfer
 
 From Python, with the generated stubs:
-  import grpc
+  import grpc, pathlib
   from meshbank.account.v1 import account_pb2, account_pb2_grpc
   from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
-  channel = grpc.insecure_channel("{ep["global_grpc"]}")
+  ca = pathlib.Path("{ep["ca_cert"]}").read_bytes()
+  channel = grpc.secure_channel("{ep["global_grpc"]}",
+                                grpc.ssl_channel_credentials(root_certificates=ca))
   token = auth_pb2_grpc.AuthServiceStub(channel).Login(auth_pb2.LoginRequest(
       username="{DEMO_USER}", password="{secret["demo_password"]}")).access_token
   accounts = account_pb2_grpc.AccountServiceStub(channel)

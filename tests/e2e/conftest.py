@@ -19,9 +19,11 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ import pytest
 import yaml
 
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
-from regions import local, topology
+from regions import local, public_client, topology
 
 VENV_BIN = Path(sys.executable).parent
 MESHBANK = str(VENV_BIN / "meshbank")
@@ -68,9 +70,19 @@ class Deployment:
         data: dict[str, str] = json.loads((self.state / "secrets.json").read_text())
         return data
 
+    @property
+    def ca_file(self) -> Path:
+        """The CA that verifies the edges and the global entry (TLS only)."""
+        return public_client.ca_file(self.status())
+
+    def channel(self, address: str | None = None) -> grpc.Channel:
+        """A TLS channel to a public endpoint (default: the global entry)."""
+        status = self.status()
+        target = address or status["endpoints"]["global_grpc"]
+        return public_client.grpc_channel(target, public_client.ca_file(status))
+
     def token(self, address: str | None = None) -> str:
-        address = address or self.status()["endpoints"]["global_grpc"]
-        with grpc.insecure_channel(address) as channel:
+        with self.channel(address) as channel:
             reply = auth_pb2_grpc.AuthServiceStub(channel).Login(
                 auth_pb2.LoginRequest(username="demo", password=self.secrets["demo_password"]),
                 timeout=10,
@@ -107,6 +119,30 @@ def _reap_orphaned_deployments() -> None:
         shutil.rmtree(base_dir, ignore_errors=True)
 
 
+# The tests' plain urllib.request.urlopen calls verify the public endpoints against the
+# CAs of the deployments this session started (each state folder has its own local CA),
+# and nothing else: no system CAs, no unverified fallback.
+_URLLIB_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+_URLLIB_TLS.minimum_version = ssl.TLSVersion.TLSv1_2
+
+
+_TRUSTED_CAS: list[bytes] = []
+
+
+def _trust_in_urllib(ca_file: Path) -> None:
+    _URLLIB_TLS.load_verify_locations(cafile=str(ca_file))
+    handler = urllib.request.HTTPSHandler(context=_URLLIB_TLS)
+    urllib.request.install_opener(urllib.request.build_opener(handler))
+    _TRUSTED_CAS.append(ca_file.read_bytes())
+
+
+def public_channel(address: str) -> grpc.Channel:
+    """A TLS channel to a public endpoint of any deployment of this session, verified
+    against those deployments' CAs (as the urllib calls are)."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=b"".join(_TRUSTED_CAS))
+    return grpc.secure_channel(address, credentials)
+
+
 @contextlib.contextmanager
 def _deployment(edit: Callable[[Any], Any] | None = None) -> Iterator[Deployment]:
     """``meshbank up --detach`` on a free port block, torn down whatever happens;
@@ -134,6 +170,7 @@ def _deployment(edit: Callable[[Any], Any] | None = None) -> Iterator[Deployment
         up = deployment.meshbank("up", "--detach", "--timeout", "420", timeout=480)
         assert up.returncode == 0, up.stdout + up.stderr
         deployment.up_output = up.stdout
+        _trust_in_urllib(deployment.ca_file)
         yield deployment
     finally:
         deployment.meshbank("down", timeout=180)

@@ -6,11 +6,13 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
+from regions import public_client
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -38,6 +40,7 @@ class Load:
     """
 
     address: str
+    ca_file: Path
     token: str
     source: str
     destination: str
@@ -69,7 +72,7 @@ class Load:
 
     def _run(self, n: int) -> None:
         md = (("authorization", f"Bearer {self.token}"),)
-        with grpc.insecure_channel(self.address) as channel:
+        with public_client.grpc_channel(self.address, self.ca_file) as channel:
             accounts = account_pb2_grpc.AccountServiceStub(channel)
             transfers = transfer_pb2_grpc.TransferServiceStub(channel)
             while not self._stop.is_set():

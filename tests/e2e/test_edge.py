@@ -31,11 +31,11 @@ import sqlalchemy as sa
 
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
-from regions import local
+from regions import local, public_client
 from regions.topology import Topology
 from services.auth.keys import SigningKey, generate_signing_key, load_signing_key
 from services.common.config import token_identity
-from tests.e2e.conftest import VENV_BIN, Deployment
+from tests.e2e.conftest import VENV_BIN, Deployment, public_channel
 
 # Small quotas and a short header timeout, so that limits are reached with a few calls.
 EDGE_UNDER_TEST = {
@@ -96,7 +96,7 @@ def topo(deployment: Deployment) -> Topology:
 
 
 def edge_url(topo: Topology, region: str = "us-east") -> str:
-    return f"http://{topo.host}:{topo.edge_port(region)}"
+    return f"https://{topo.host}:{topo.edge_port(region)}"
 
 
 def edge_address(topo: Topology, region: str = "us-east") -> str:
@@ -208,7 +208,7 @@ def rpc_metadata(token: str | None, **extra: str) -> tuple[tuple[str, str], ...]
 
 
 def get_account(address: str, token: str | None, account_id: str) -> grpc.StatusCode:
-    with grpc.insecure_channel(address) as channel:
+    with public_channel(address) as channel:
         try:
             account_pb2_grpc.AccountServiceStub(channel).GetAccount(
                 account_pb2.GetAccountRequest(account_id=account_id),
@@ -252,7 +252,7 @@ def test_a_valid_token_passes_and_token_endpoints_need_none(
     jwks = http(f"{edge_url(topo)}/v1/auth/jwks")
     assert jwks.status == 200
     assert {k["kty"] for k in jwks.json["keys"]} == {"OKP"}
-    with grpc.insecure_channel(edge_address(topo)) as channel:
+    with public_channel(edge_address(topo)) as channel:
         reply_keys = auth_pb2_grpc.AuthServiceStub(channel).GetJwks(auth_pb2.GetJwksRequest())
     assert len(reply_keys.keys) == len(jwks.json["keys"])
 
@@ -286,7 +286,7 @@ def test_the_global_entry_forwards_refusals_from_the_edge(
     deployment: Deployment, topo: Topology, tokens: Tokens
 ) -> None:
     location = topo.default_location
-    base = f"http://{deployment.status()['endpoints']['global_rest']}"
+    base = f"https://{deployment.status()['endpoints']['global_rest']}"
     forged = tokens.sign(tokens.claims(), generate_signing_key())
     before = edge_stats(topo, location)
     reply = http(
@@ -316,7 +316,7 @@ def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topolog
     other = deployment.token(edge_address(topo))
     url = f"{edge_url(topo)}/v1/accounts/{uuid.uuid4()}"
     before = edge_stats(topo)
-    with grpc.insecure_channel(edge_address(topo)) as channel:
+    with public_channel(edge_address(topo)) as channel:
         accounts = account_pb2_grpc.AccountServiceStub(channel)
         request = account_pb2.GetAccountRequest(account_id=str(uuid.uuid4()))
         started = time.monotonic()
@@ -397,7 +397,7 @@ def test_credential_checks_are_limited_per_client_address(topo: Topology) -> Non
     # gRPC Login from the same address shares the bucket: it is refused after at most
     # the refills (a bucket of its own would let a whole burst through first).
     limited_at = time.monotonic()
-    with grpc.insecure_channel(edge_address(topo)) as channel:
+    with public_channel(edge_address(topo)) as channel:
         auth = auth_pb2_grpc.AuthServiceStub(channel)
         for passed in range(quota.burst):
             with pytest.raises(grpc.RpcError) as refused:
@@ -420,7 +420,7 @@ def test_credential_checks_are_limited_per_client_address(topo: Topology) -> Non
 def test_oversized_requests_are_refused(deployment: Deployment, topo: Topology) -> None:
     token = deployment.token(edge_address(topo))
     big = {"requestId": "too-big", "displayName": "x" * topo.edge.max_request_bytes}
-    global_rest = f"http://{deployment.status()['endpoints']['global_rest']}"
+    global_rest = f"https://{deployment.status()['endpoints']['global_rest']}"
     for base in (edge_url(topo), global_rest):
         before = sent_to_services(edge_stats(topo))
         reply = http(f"{base}/v1/accounts", big, bearer(token))
@@ -435,9 +435,16 @@ def test_oversized_requests_are_refused(deployment: Deployment, topo: Topology) 
         assert reply.status == 431
 
 
-def test_a_client_that_never_finishes_its_headers_is_cut_off(topo: Topology) -> None:
+def test_a_client_that_never_finishes_its_headers_is_cut_off(
+    deployment: Deployment, topo: Topology
+) -> None:
     limit = topo.edge.request_headers_timeout_seconds
-    with socket.create_connection((topo.host, topo.edge_port("us-east")), timeout=limit + 10) as s:
+    tls = public_client.ssl_context(deployment.ca_file)
+    address = (topo.host, topo.edge_port("us-east"))
+    with (
+        socket.create_connection(address, timeout=limit + 10) as raw,
+        tls.wrap_socket(raw, server_hostname=topo.host) as s,
+    ):
         s.sendall(b"GET /v1/auth/jwks HTTP/1.1\r\nhost: edge\r\n")  # no blank line: not done
         started = time.monotonic()
         answer = b""
@@ -475,7 +482,7 @@ class RotationLoad:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reader(self, address: str, fixed: str | None) -> None:
-        with grpc.insecure_channel(address) as channel:
+        with public_channel(address) as channel:
             accounts = account_pb2_grpc.AccountServiceStub(channel)
             while not self.stop.is_set():
                 token = fixed or self.token
@@ -592,7 +599,8 @@ def test_every_curl_in_the_partner_guide_works(deployment: Deployment, topo: Top
     script = "set -euo pipefail\n" + "\n".join(guide_blocks())
     env = dict(
         deployment.env,
-        MESHBANK_URL=f"http://{deployment.status()['endpoints']['global_rest']}",
+        MESHBANK_URL=f"https://{deployment.status()['endpoints']['global_rest']}",
+        MESHBANK_CA=str(deployment.ca_file),
         # `meshbank` (partners create) is the venv's, as after `pip install`.
         PATH=f"{VENV_BIN}:{deployment.env['PATH']}",
     )

@@ -72,6 +72,7 @@ class World:
 
     channel: grpc.Channel
     rest: str
+    ca_file: str  # requests' verify=: the deployment's CA, not certifi's
     partner_token: str
     user_token: str
     refresh_token: str
@@ -103,7 +104,7 @@ def retrying(call: Callable[[], T], seconds: float = 90) -> T:
 def world(deployment: Deployment) -> Iterator[World]:
     endpoints = deployment.status()["endpoints"]
     secrets = deployment.secrets
-    channel = grpc.insecure_channel(endpoints["global_grpc"])
+    channel = deployment.channel(endpoints["global_grpc"])
     auth = auth_pb2_grpc.AuthServiceStub(channel)
     partner = retrying(
         lambda: auth.IssueClientToken(
@@ -148,7 +149,8 @@ def world(deployment: Deployment) -> Iterator[World]:
     )
     yield World(
         channel=channel,
-        rest=f"http://{endpoints['global_rest']}",
+        rest=f"https://{endpoints['global_rest']}",
+        ca_file=str(deployment.ca_file),
         partner_token=partner,
         user_token=login.access_token,
         refresh_token=login.refresh_token,
@@ -213,6 +215,7 @@ scopes = st.lists(
     ),
     max_size=6,
 )
+
 
 def maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """A value, or None for "leave the field unset" (a missing field)."""
@@ -492,7 +495,7 @@ def test_fuzz_rest_api_matches_its_openapi_document(world: World) -> None:
     (schemathesis' pytest fixture loader does not work with pytest 9: it sets a node
     attribute pytest no longer has).
     """
-    schema = schemathesis.openapi.from_url(world.rest + openapi.DOCUMENT_PATH)
+    schema = schemathesis.openapi.from_url(world.rest + openapi.DOCUMENT_PATH, verify=world.ca_file)
     operations = []
     for result in schema.get_all_operations():
         # An operation the document describes in a way schemathesis cannot use is an Err.
@@ -515,6 +518,7 @@ def test_fuzz_rest_api_matches_its_openapi_document(world: World) -> None:
                 base_url=world.rest,
                 headers=headers,
                 excluded_checks=[positive_data_acceptance, ignored_auth],
+                verify=world.ca_file,
             )
 
         run()

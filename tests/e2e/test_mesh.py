@@ -23,8 +23,8 @@ from tests.e2e.load import Load
 ROLES = {"etcd", "db", "service", "sidecar", "edge", "global", "tracing", "auditor", "prometheus"}
 
 
-def served_by(address: str) -> str:
-    with grpc.insecure_channel(address) as channel:
+def served_by(deployment: Deployment, address: str) -> str:
+    with deployment.channel(address) as channel:
         _, call = auth_pb2_grpc.AuthServiceStub(channel).GetJwks.with_call(
             auth_pb2.GetJwksRequest(), timeout=10
         )
@@ -62,7 +62,7 @@ def test_status_shows_every_region_healthy(deployment: Deployment) -> None:
 
 def test_calls_land_in_the_callers_nearest_region(deployment: Deployment) -> None:
     for location, address in deployment.status()["endpoints"]["global"].items():
-        assert served_by(address).startswith(f"{location}/")
+        assert served_by(deployment, address).startswith(f"{location}/")
 
 
 def rest(url: str, body: dict[str, Any] | None = None, token: str = "") -> tuple[int, Any]:
@@ -80,7 +80,7 @@ def rest(url: str, body: dict[str, Any] | None = None, token: str = "") -> tuple
 
 
 def test_rest_transfer_through_the_global_entry(deployment: Deployment) -> None:
-    base = f"http://{deployment.status()['endpoints']['global_rest']}"
+    base = f"https://{deployment.status()['endpoints']['global_rest']}"
     secret = deployment.secrets
     code, login = rest(
         f"{base}/v1/auth:login", {"username": "demo", "password": secret["demo_password"]}
@@ -125,7 +125,7 @@ def test_rest_transfer_through_the_global_entry(deployment: Deployment) -> None:
     with pytest.raises(urllib.error.HTTPError) as unknown:
         urllib.request.urlopen(f"{base}/v1/no-such-thing", timeout=10)  # noqa: S310
     assert unknown.value.code == 401
-    authorized = urllib.request.Request(  # noqa: S310 - the test's own http:// URL
+    authorized = urllib.request.Request(  # noqa: S310 - the test's own https:// URL
         f"{base}/v1/no-such-thing", headers={"authorization": f"Bearer {token}"}
     )
     with pytest.raises(urllib.error.HTTPError) as unknown:
@@ -137,7 +137,8 @@ def test_grpcurl_lists_the_api_through_the_global_entry(deployment: Deployment) 
     out = subprocess.run(
         [
             str(VENV_BIN / "grpcurl"),
-            "-plaintext",
+            "-cacert",
+            str(deployment.ca_file),
             deployment.status()["endpoints"]["global_grpc"],
             "list",
         ],
@@ -196,6 +197,7 @@ def steady_load(deployment: Deployment) -> Load:
     secret = deployment.secrets
     return Load(
         deployment.status()["endpoints"]["global_grpc"],
+        deployment.ca_file,
         deployment.token(),
         secret["demo_checking"],
         secret["demo_savings"],

@@ -12,7 +12,6 @@ import uuid
 from collections import Counter
 from typing import Any
 
-import grpc
 import pytest
 
 from meshbank.account.v1 import account_pb2, account_pb2_grpc
@@ -105,7 +104,7 @@ def test_prometheus_scrapes_every_process_and_sees_a_transfer(deployment: Deploy
     token = deployment.token()
     md = (("authorization", f"Bearer {token}"),)
     secret = deployment.secrets
-    with grpc.insecure_channel(entry) as channel:
+    with deployment.channel(entry) as channel:
         accounts = account_pb2_grpc.AccountServiceStub(channel)
         before = accounts.GetAccount(
             account_pb2.GetAccountRequest(account_id=secret["demo_checking"]),

@@ -86,7 +86,7 @@ def test_a_rest_transfer_is_one_trace_across_every_hop(deployment: Deployment) -
     assert ui.startswith("http://127.0.0.1:")
     assert endpoints["trace_collector"].startswith("http://127.0.0.1:")
     assert ui in deployment.up_output  # `meshbank up` prints where the UI is
-    base = f"http://{endpoints['global_rest']}"
+    base = f"https://{endpoints['global_rest']}"
     secret = deployment.secrets
     code, _, login = http(
         f"{base}/v1/auth:login", {"username": "demo", "password": secret["demo_password"]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from mesh import envoy, pki
+from mesh import envoy, pki, public_tls
 from regions import local, topology
 
 
@@ -19,6 +19,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ca = pki.LocalCA(base / "pki")
     for identity in envoy.identities(t):
         ca.issue(identity)
+    public_tls.ensure(t, ca)
     return envoy.write(t, envoy.Paths(base / "pki", local.descriptor_path()), base / "configs")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mesh import envoy, pki
+from mesh import envoy, pki, public_tls
 from regions import k8s, local, topology
 from services import cli
 
@@ -30,6 +30,12 @@ def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ca = pki.LocalCA(base / "tls")
     for identity in envoy.identities(t):
         ca.issue(identity)
+    # What a cert-manager Certificate for the edges' partner-facing names would hold.
+    public = ca.issue_server("edge", public_tls.names(t, t.region_names[0]))
+    (base / "public-tls").mkdir()
+    shutil.copy(public.cert, base / "public-tls" / "tls.crt")
+    shutil.copy(public.key, base / "public-tls" / "tls.key")
+    shutil.copy(ca.ca_cert_path, base / "public-tls" / "ca.crt")
     (base / "db").mkdir()
     # Any CA certificate will do for the database health checks' trust anchor.
     shutil.copy(ca.ca_cert_path, base / "db" / "ca.crt")
@@ -40,6 +46,7 @@ def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     mounts = {
         f"{k8s.TLS_DIR}/": f"{base / 'tls'}/",
+        f"{k8s.PUBLIC_TLS_DIR}/": f"{base / 'public-tls'}/",
         f"{k8s.DB_CERTS_DIR}/": f"{base / 'db'}/",
         f"{k8s.API_DIR}/": f"{base / 'api'}/",
     }

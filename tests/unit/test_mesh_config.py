@@ -277,7 +277,7 @@ def test_edges_verify_tokens_before_transcoding(configs: dict[str, dict[str, Any
         t = topology.load()
         assert (
             jwks["http_uri"]["uri"]
-            == f"http://{t.host_of(region)}:{t.edge_port(region)}/v1/auth/jwks"
+            == f"https://{t.host_of(region)}:{t.edge_port(region)}/v1/auth/jwks"
         )
         jwks_cluster = cluster(configs[f"{region}-edge.yaml"], jwks["http_uri"]["cluster"])
         endpoint = jwks_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]

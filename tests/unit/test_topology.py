@@ -120,7 +120,7 @@ def test_the_edge_section_sets_quotas_and_limits() -> None:
         ({"quotas": {"admin": {}}}, "edge.quotas.admin: unknown quota"),
         ({"limits": {"max_request_bytes": "1MB"}}, "edge.limits.max_request_bytes"),
         ({"limits": {"max_body": 1}}, "edge.limits.max_body: unknown limit"),
-        ({"tls": {}}, "edge: unknown keys ['tls']"),
+        ({"mtls": {}}, "edge: unknown keys ['mtls']"),
         ("fast", "edge: must be a mapping"),
     ],
 )
