@@ -757,7 +757,7 @@ class Supervisor:
                 t.region_names,
                 self._pool.map(
                     lambda r: replication.patroni_get(
-                        t.patroni_port(r), "/patroni", host=t.host_of(r)
+                        t.patroni_port(r), "/patroni", host=t.host_of(r), timeout=3.0
                     )[1],
                     t.region_names,
                 ),

@@ -54,6 +54,7 @@ class StandbyGuard:
 
     stuck_after: float = STUCK_AFTER_S
     _starting_since: dict[str, float] = field(default_factory=dict)
+    _starting_seen: dict[str, float] = field(default_factory=dict)
 
     def observe(
         self,
@@ -69,14 +70,16 @@ class StandbyGuard:
         """
         restart = []
         for region, body in members.items():
-            stuck = (
-                body is not None
-                and body.get("state") == "starting"
-                and body.get("role") == "replica"
-            )
-            if not stuck:
+            if body is None:
+                # No answer: a busy Patroni misses a request now and then, which must
+                # not restart the clock; a member silent for long starts it afresh.
+                if now - self._starting_seen.get(region, now) > self.stuck_after:
+                    self._starting_since.pop(region, None)
+                continue
+            if body.get("state") != "starting" or body.get("role") != "replica":
                 self._starting_since.pop(region, None)
                 continue
+            self._starting_seen[region] = now
             since = self._starting_since.setdefault(region, now)
             if leader is None or leader == region or now - since < self.stuck_after:
                 continue

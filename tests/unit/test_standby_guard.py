@@ -66,10 +66,28 @@ def test_leaving_the_starting_state_resets_the_clock(data_dirs: dict[str, Path])
     strand(data_dirs["eu-west"])
     guard = StandbyGuard(stuck_after=20)
     assert guard.observe(0.0, {"eu-west": STARTING}, "us-east", data_dirs) == []
-    assert guard.observe(15.0, {"eu-west": None}, "us-east", data_dirs) == []  # no answer
+    assert guard.observe(15.0, {"eu-west": RUNNING}, "us-east", data_dirs) == []
     assert guard.observe(16.0, {"eu-west": STARTING}, "us-east", data_dirs) == []
     assert guard.observe(35.0, {"eu-west": STARTING}, "us-east", data_dirs) == []
     assert guard.observe(36.0, {"eu-west": STARTING}, "us-east", data_dirs) == ["eu-west"]
+
+
+def test_a_missed_answer_does_not_restart_the_clock(data_dirs: dict[str, Path]) -> None:
+    """A loaded Patroni misses a short request now and then; the member is still stuck."""
+    strand(data_dirs["eu-west"])
+    guard = StandbyGuard(stuck_after=20)
+    assert guard.observe(0.0, {"eu-west": STARTING}, "us-east", data_dirs) == []
+    assert guard.observe(10.0, {"eu-west": None}, "us-east", data_dirs) == []
+    assert guard.observe(20.0, {"eu-west": STARTING}, "us-east", data_dirs) == ["eu-west"]
+
+
+def test_a_member_silent_for_long_starts_its_clock_afresh(data_dirs: dict[str, Path]) -> None:
+    strand(data_dirs["eu-west"])
+    guard = StandbyGuard(stuck_after=20)
+    assert guard.observe(0.0, {"eu-west": STARTING}, "us-east", data_dirs) == []
+    assert guard.observe(30.0, {"eu-west": None}, "us-east", data_dirs) == []  # killed
+    assert guard.observe(60.0, {"eu-west": STARTING}, "us-east", data_dirs) == []  # back
+    assert guard.observe(80.0, {"eu-west": STARTING}, "us-east", data_dirs) == ["eu-west"]
 
 
 def test_the_leader_itself_is_never_restarted(data_dirs: dict[str, Path]) -> None:
