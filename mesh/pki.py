@@ -118,7 +118,17 @@ class LocalCA:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshbank local mesh CA")])
+        key_id = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        # A name of its own per CA (its key id in it): a client that trusts several
+        # deployments' CAs (the e2e tests) finds the issuer by name, and OpenSSL stops at
+        # the first CA of a matching name even when its key does not match.
+        name = x509.Name(
+            [
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, f"meshbank local mesh CA {key_id.digest.hex()[:12]}"
+                )
+            ]
+        )
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -128,6 +138,7 @@ class LocalCA:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + CA_LIFETIME)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(key_id, critical=False)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=False,

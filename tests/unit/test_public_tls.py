@@ -3,9 +3,13 @@ own certificate is checked, and the TLS contexts the Envoy configs get."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import re
+import socket
+import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -189,8 +193,8 @@ def test_the_global_entry_verifies_each_edge_by_its_regions_name(tmp_path: Path)
             m["match"]["edge"]: m["transport_socket"] for m in cluster["transport_socket_matches"]
         }
         assert set(matches) == set(t.region_names)
-        for region, socket in matches.items():
-            upstream = socket["typed_config"]
+        for region, transport in matches.items():
+            upstream = transport["typed_config"]
             name = f"{region}.edge.meshbank.internal"
             assert upstream["sni"] == name
             context = upstream["common_tls_context"]
@@ -253,3 +257,39 @@ def test_meshbank_up_refuses_a_bad_own_certificate_before_starting_anything(
     assert cli.main(["up", "--detach"]) == 2
     assert "is not the key of the certificate" in capsys.readouterr().err
     assert not (tmp_path / "state" / "supervisor.log").exists()  # nothing was started
+
+
+def test_a_client_trusting_several_local_cas_verifies_each_ones_servers(tmp_path: Path) -> None:
+    """Two deployments' CAs in one client (as in the e2e session): OpenSSL finds the
+    issuer by name, so each CA needs a name of its own (and a key id)."""
+    cas = [pki.LocalCA(tmp_path / name) for name in ("first", "second")]
+    for ca in cas:
+        ca.ensure_ca()
+    names = pki.ServerNames(dns=("localhost",), ips=("127.0.0.1",))
+    server = cas[1].issue_server("edge", names)
+    subjects = {x509.load_pem_x509_certificate(ca.ca_cert_path.read_bytes()).subject for ca in cas}
+    assert len(subjects) == 2
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(server.cert, server.key)
+    client = ssl.create_default_context()
+    for ca in cas:  # the other deployment's CA first
+        client.load_verify_locations(cafile=str(ca.ca_cert_path))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with (
+                contextlib.suppress(ssl.SSLError, OSError),
+                served.wrap_socket(conn, server_side=True) as tls,
+            ):
+                tls.recv(1)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        thread.join(10)
