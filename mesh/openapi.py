@@ -62,10 +62,29 @@ ERROR_RESPONSES = {
     "409": "ALREADY_EXISTS: the request_id was used for a different request.",
     "503": "UNAVAILABLE: the database is unreachable or too contended, or no healthy "
     "instance answers; safe to retry with the same request_id.",
+    # What the edge itself answers (mesh/edge_policy.py: quotas and limits).
+    "408": "DEADLINE_EXCEEDED: the request did not arrive within the edge's request "
+    "timeout (headers and body).",
+    "413": "INVALID_ARGUMENT: the request body is larger than the edge accepts.",
+    "429": "RESOURCE_EXHAUSTED: over the caller's quota (per token subject; Login and "
+    "IssueClientToken also per client address); retry after Retry-After seconds.",
+    "431": "INVALID_ARGUMENT: the request headers are larger than the edge accepts.",
+    "504": "DEADLINE_EXCEEDED: the service did not answer within the edge's route timeout; "
+    "the outcome is unknown, so retry with the same request_id.",
+}
+# Responses that carry headers a client must read.
+ERROR_HEADERS: dict[str, Schema] = {
+    "429": {
+        "Retry-After": {
+            "description": "Seconds until the quota admits this caller again.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
 }
 # Envoy itself answers these in text/plain: the transcoder's 400 for a request it cannot
-# map, 404 for a path of no RPC, and 503 when no upstream is healthy.
-ENVOY_TEXT_ERRORS = frozenset({"400", "404", "503"})
+# map, 404 for a path of no RPC, 503 when no upstream is healthy and 504 when the
+# upstream did not answer in time.
+ENVOY_TEXT_ERRORS = frozenset({"400", "404", "503", "504"})
 _INT64 = {
     FieldType.TYPE_INT64,
     FieldType.TYPE_SINT64,
@@ -414,7 +433,10 @@ def _operation(
             "description": "OK",
             "content": {"application/json": {"schema": _ref(method.output_type)}},
         },
-        **{code: {"$ref": f"#/components/responses/Error{code}"} for code in ERROR_RESPONSES},
+        **{
+            code: {"$ref": f"#/components/responses/Error{code}"}
+            for code in sorted(ERROR_RESPONSES)
+        },
     }
     return operation
 
@@ -493,6 +515,7 @@ def build(fds: descriptor_pb2.FileDescriptorSet, *, title: str = "meshbank") -> 
             "responses": {
                 f"Error{code}": {
                     "description": text,
+                    **({"headers": ERROR_HEADERS[code]} if code in ERROR_HEADERS else {}),
                     "content": {
                         "application/json": {
                             "schema": {"$ref": "#/components/schemas/google.rpc.Status"}
@@ -504,7 +527,7 @@ def build(fds: descriptor_pb2.FileDescriptorSet, *, title: str = "meshbank") -> 
                         ),
                     },
                 }
-                for code, text in ERROR_RESPONSES.items()
+                for code, text in sorted(ERROR_RESPONSES.items())
             },
             "securitySchemes": {
                 "bearerAuth": {
