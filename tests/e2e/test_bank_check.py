@@ -2,8 +2,9 @@
 
 The nemesis runs each enabled kind at least once, so a 30 s run takes as long as one
 round of faults and recoveries. `make test` enables a service kill (which the drills
-do not cover) and a database leader kill, about two minutes here; every kind at once takes eight or more, so that form is `extended` (`make
-test-extended`), like the partition, which needs a deployment in network namespaces.
+do not cover) and a database leader kill, about two minutes here; every kind at once
+takes eight or more, so that form is `extended` (`make test-extended`), like the
+partition, which needs a deployment in network namespaces.
 Each enabled kind that can run must have been injected and healed; one that cannot
 (region-partition outside network namespaces) must be reported as skipped with its
 reason. The ledger must hold no violation, and the run must have done real work over
