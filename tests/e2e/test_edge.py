@@ -320,15 +320,18 @@ def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topolog
         accounts = account_pb2_grpc.AccountServiceStub(channel)
         request = account_pb2.GetAccountRequest(account_id=str(uuid.uuid4()))
         started = time.monotonic()
-        # One subject, gRPC and REST at once: one bucket.
-        calls = [
-            accounts.GetAccount.future(request, metadata=rpc_metadata(token), timeout=30)
-            for _ in range(2 * quota.burst)
-        ]
-        # REST calls open a TLS connection each, slower than the bucket refills on a
-        # busy machine: keep sending (bounded) until one is refused.
+        # One subject, gRPC and REST at once: one bucket. REST calls open a TLS
+        # connection each, slower than the bucket refills on a busy machine, so they are
+        # started first, then the gRPC burst (one connection) drains the bucket under
+        # them; more are sent (bounded) if none was refused yet.
         rest: list[Reply] = []
         with ThreadPoolExecutor(max_workers=16) as pool:
+            pending = [pool.submit(http, url, None, bearer(token)) for _ in range(quota.burst)]
+            calls = [
+                accounts.GetAccount.future(request, metadata=rpc_metadata(token), timeout=30)
+                for _ in range(2 * quota.burst)
+            ]
+            rest = [f.result() for f in pending]
             while len(rest) < 5 * quota.burst and not any(r.status == 429 for r in rest):
                 rest += pool.map(lambda _: http(url, headers=bearer(token)), range(quota.burst))
         errors = [c.exception() for c in calls]
