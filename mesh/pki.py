@@ -63,6 +63,22 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _leaf(
+    stem: str, ca_cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, now: dt.datetime
+) -> x509.CertificateBuilder:
+    """What every certificate the CA issues has: its name, issuer, key, lifetime, not a CA."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + LEAF_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    )
+
+
 def _still_valid(path: Path, now: dt.datetime) -> bool:
     if not path.exists():
         return False
@@ -162,6 +178,11 @@ class LocalCA:
             if leaf != self.ca_cert_path:
                 leaf.unlink()
 
+    def _load_ca(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        ca_key = serialization.load_pem_private_key(self._ca_key_path.read_bytes(), None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        return ca_key, x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+
     def issue(self, identity: str) -> Credential:
         """Return the certificate and key for ``identity``, issuing them if needed.
 
@@ -176,21 +197,12 @@ class LocalCA:
         now = dt.datetime.now(dt.UTC)
         if _still_valid(cred.cert, now) and cred.key.exists():
             return cred
-        ca_key = serialization.load_pem_private_key(self._ca_key_path.read_bytes(), None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        ca_cert = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+        ca_key, ca_cert = self._load_ca()
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)]
         sans += [x509.DNSName(d) for d in dns_names]
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + LEAF_LIFETIME)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            _leaf(stem, ca_cert, key, now)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(
                 x509.ExtendedKeyUsage(
@@ -214,19 +226,10 @@ class LocalCA:
         now = dt.datetime.now(dt.UTC)
         if _still_valid(cred.cert, now) and cred.key.exists() and _names_match(cred.cert, names):
             return cred
-        ca_key = serialization.load_pem_private_key(self._ca_key_path.read_bytes(), None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        ca_cert = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+        ca_key, ca_cert = self._load_ca()
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + LEAF_LIFETIME)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            _leaf(stem, ca_cert, key, now)
             .add_extension(x509.SubjectAlternativeName(names.general_names()), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             # Strict (RFC 5280 / CA/B Forum) verifiers require the key identifiers.
