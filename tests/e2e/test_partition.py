@@ -17,16 +17,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from regions import local, netns, topology
 from tests.e2e.conftest import Deployment, _block_free
+from tests.e2e.test_tracing import attr, phoenix_spans
 
 
 def _ip_netns_works() -> bool:
@@ -173,19 +171,9 @@ def test_spans_from_inside_the_namespaces_reach_the_collector(
     namespace (at the bridge address): the drill's transfers are in the tracing UI,
     with spans from a region's edge, sidecar and service."""
     ui = netns_deployment.status()["endpoints"]["tracing_ui"]
-    query = urllib.parse.urlencode({"limit": "1000"})
-    with urllib.request.urlopen(f"{ui}/v1/projects/default/spans?{query}", timeout=20) as r:  # noqa: S310
-        spans = json.loads(r.read())["data"]
-
-    def attribute(span: dict[str, Any], name: str) -> Any:
-        flat = span.get("attributes", {})
-        nested = flat.get("meshbank", {})
-        return flat.get(f"meshbank.{name}") or (
-            nested.get(name) if isinstance(nested, dict) else None
-        )
-
-    proxies = {(attribute(s, "region"), attribute(s, "proxy")) for s in spans}
-    services = {attribute(s, "region") for s in spans if attribute(s, "service")}
+    spans = phoenix_spans(ui)
+    proxies = {(attr(s, "meshbank.region"), attr(s, "meshbank.proxy")) for s in spans}
+    services = {attr(s, "meshbank.region") for s in spans if attr(s, "meshbank.service")}
     regions = set(netns_deployment.status()["endpoints"]["edges"])
     assert any((r, "edge") in proxies and (r, "sidecar") in proxies for r in regions), proxies
     assert services & regions, services
