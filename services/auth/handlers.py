@@ -483,12 +483,18 @@ class AuthService:
         violations.raise_if_any()
         presented = hash_secret(refresh_token)
         new_token = self._new_token()
+        successor = hash_secret(new_token)
         now = self._clock()
 
         def work(uow: AuthUnitOfWork) -> _Rotated | _Rejected:
             row = uow.refresh_tokens.get_by_hash(presented)
             if row is None:
                 return _Rejected(INVALID_REFRESH_TOKEN)
+            if row.used_at is not None and uow.refresh_tokens.get_by_hash(successor):
+                # This very call spent it: an earlier attempt committed, but its outcome
+                # was lost (a dropped connection at COMMIT) and the runner re-ran it.
+                # Not a reuse: answer with the successor that attempt stored.
+                return _Rotated(row.subject, row.scopes, self._signing_key(uow))
             if row.used_at is not None:
                 revoked = uow.refresh_tokens.revoke_family(row.family_id, now)
                 return _Rejected(REFRESH_TOKEN_REUSED, row.family_id, revoked)

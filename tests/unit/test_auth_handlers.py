@@ -162,6 +162,9 @@ class FakeRunner:
         self.state = State()
         self.transactions = 0
         self.uow_factory: Callable[[State], FakeUnitOfWork] = FakeUnitOfWork
+        # Transactions whose COMMIT succeeds but whose answer is lost (the connection
+        # drops during it): like run_transaction, the runner then runs the work again.
+        self.lost_commit_replies = 0
 
     def __call__(self, work: Callable[[AuthUnitOfWork], T], *, readonly: bool = False) -> T:
         self.transactions += 1
@@ -171,6 +174,9 @@ class FakeRunner:
             assert draft == self.state, "read-only work wrote"
         else:
             self.state = draft
+        if self.lost_commit_replies:
+            self.lost_commit_replies -= 1
+            return self(work, readonly=readonly)
         return result
 
 
@@ -545,6 +551,24 @@ def test_a_concurrently_spent_token_counts_as_reuse(env: Env) -> None:
     assert caught.value.reason == "REFRESH_TOKEN_REUSED"
     assert env.state.refresh_tokens[sha256(token)].revoked_at is not None
     assert len(env.state.refresh_tokens) == 1  # no new token was issued
+
+
+def test_a_refresh_re_run_after_a_lost_commit_is_not_a_reuse(env: Env) -> None:
+    """The re-run of a refresh whose COMMIT answer was lost finds the successor its
+    first run stored: not a reuse, and the session is not revoked."""
+    token = refresh_token_of(login(env))
+    env.runner.lost_commit_replies = 1
+    grant = env.auth.refresh(token)
+    assert env.runner.lost_commit_replies == 0  # the work did run twice
+    new = env.state.refresh_tokens[sha256(refresh_token_of(grant))]
+    assert new.revoked_at is None
+    assert env.state.refresh_tokens[sha256(token)].revoked_at is None
+    assert len(env.state.refresh_tokens) == 2  # the spent one and its single successor
+    assert env.verify(grant.access_token) == Principal("users/alice", USER_SCOPES)
+    # Presented again by anyone else, it is a reuse as before.
+    with pytest.raises(errors.Unauthenticated) as caught:
+        env.auth.refresh(token)
+    assert caught.value.reason == "REFRESH_TOKEN_REUSED"
 
 
 def test_unknown_refresh_token(env: Env) -> None:
