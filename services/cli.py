@@ -484,9 +484,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from regions.netns import NetnsError
+    from regions.topology import TopologyError
+
     _setup_logging()
     args = parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except (local.LocalError, TopologyError, NetnsError) as exc:
+        # An operator's mistake or the machine's state: the reason, not a traceback.
+        print(f"meshbank: {exc}", file=sys.stderr)
+        return 2
     return code
 
 
