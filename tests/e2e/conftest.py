@@ -166,21 +166,43 @@ def _deployment(edit: Callable[[Any], Any] | None = None) -> Iterator[Deployment
     base = next(b for b in candidates if _block_free(topology.with_port_base(default, b)))
     env["MESHBANK_BASE_PORT"] = str(base)
     deployment = Deployment(env, base_dir / "state", "")
+    used = False
     try:
         up = deployment.meshbank("up", "--detach", "--timeout", "420", timeout=480)
         assert up.returncode == 0, up.stdout + up.stderr
         deployment.up_output = up.stdout
         _trust_in_urllib(deployment.ca_file)
         yield deployment
+        used = True
     finally:
-        deployment.meshbank("down", timeout=180)
-        status = base_dir / "state" / "status.json"
-        if status.exists():
-            for proc in json.loads(status.read_text())["processes"]:
-                if proc.get("pid"):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc["pid"], signal.SIGKILL)
+        running = _processes(base_dir / "state" / "status.json")  # `down` clears the pids
+        down = deployment.meshbank("down", timeout=180)
+        survivors = _kill_survivors(running)
         shutil.rmtree(base_dir, ignore_errors=True)
+    # Every deployment's teardown checks `meshbank down` on a running system: it stops
+    # every process it started (the leftovers were killed above, whatever happens).
+    if used:
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert survivors == [], f"`meshbank down` left these running: {survivors}"
+
+
+def _processes(status: Path) -> dict[str, int]:
+    """The deployment's processes now running, by name."""
+    if not status.exists():
+        return {}
+    procs = json.loads(status.read_text())["processes"]
+    return {p["name"]: p["pid"] for p in procs if p.get("pid")}
+
+
+def _kill_survivors(processes: dict[str, int]) -> list[str]:
+    """SIGKILL those of ``processes`` still alive; their names."""
+    survivors = []
+    for name, pid in processes.items():
+        if local.pid_alive(pid):
+            survivors.append(name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return survivors
 
 
 @pytest.fixture(scope="session")
