@@ -1,13 +1,13 @@
 """One whole local deployment (`meshbank up --detach`) for the e2e session, on its own ports.
 
 It is shared by every e2e module (one that needs another topology, e.g. small quotas,
-defines ``TOPOLOGY`` and gets its own): starting three regions costs about a minute on
-these two cores, and `make test` must stay short. Tests that break something (drills, killed
-regions, a crashed supervisor, `down`) restore it before they return, and each waits for
-every process to be healthy again.
+defines ``TOPOLOGY``, gets its own and runs before the shared one starts): starting three
+regions costs about a minute on these two cores, and `make test` must stay short. Tests
+that break something (drills, killed regions, a crashed supervisor) restore it before they
+return, and each waits for every process to be healthy again.
 
 Whatever happens, the finalizer runs `meshbank down` and then kills by PID anything the
-status file still lists, so no Envoy, service or PostgreSQL is left holding a port.
+status file listed, so no Envoy, service or PostgreSQL is left holding a port.
 """
 
 from __future__ import annotations
@@ -221,3 +221,10 @@ def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
         return
     with _deployment(edit) as deployment:
         yield deployment
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a deployment of their own (a ``TOPOLOGY``) run first, and the shared
+    deployment starts after they are done: so only one deployment runs at a time (each
+    idles at about a core of these two, its tracing UI most of it)."""
+    items.sort(key=lambda item: not hasattr(getattr(item, "module", None), "TOPOLOGY"))

@@ -299,8 +299,6 @@ def test_the_global_entry_forwards_refusals_from_the_edge(
     assert sent_to_services(after) == sent_to_services(before)
 
 
-NOT_FOUND = grpc.StatusCode.NOT_FOUND
-
 # -- quotas ------------------------------------------------------------------------------------
 
 
@@ -310,20 +308,32 @@ def retry_after(call: grpc.Call) -> str:
     return next((str(v) for k, v in metadata if k == "retry-after"), "")
 
 
+def answer_or_none(url: str, token: str) -> Reply:
+    """The reply, or status 0 when none came in time (a refusal at the edge is instant:
+    a call that got no answer passed the quota and was slow beyond it)."""
+    try:
+        return http(url, headers=bearer(token))
+    except OSError as exc:
+        return Reply(0, {}, repr(exc))
+
+
 def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topology) -> None:
     quota = topo.edge.partner
     token = client_token(topo, *create_partner(deployment, f"burst-{uuid.uuid4().hex[:8]}"))
     other = deployment.token(edge_address(topo))
-    url = f"{edge_url(topo)}/v1/accounts/{uuid.uuid4()}"
+    # A malformed account id: what passes the quota is refused by the service's
+    # validation (INVALID_ARGUMENT / 400) without a database query, so the one replica
+    # per service of this deployment keeps up with the refill rate on a busy machine.
+    url = f"{edge_url(topo)}/v1/accounts/not-an-account"
     before = edge_stats(topo)
     with public_channel(edge_address(topo)) as channel:
         accounts = account_pb2_grpc.AccountServiceStub(channel)
-        request = account_pb2.GetAccountRequest(account_id=str(uuid.uuid4()))
+        request = account_pb2.GetAccountRequest(account_id="not-an-account")
         started = time.monotonic()
         # One subject, gRPC and REST at once: one bucket. gRPC calls (one connection)
-        # keep the bucket drained, several times faster than it refills, while REST
-        # calls (slower: urllib opens a TLS connection for each) go out beside them,
-        # until one of them is refused. Both loops are bounded.
+        # keep the bucket drained, twice as fast as it refills, while REST calls
+        # (slower: urllib opens a TLS connection for each) go out beside them, until one
+        # of them is refused. Both loops are bounded.
         calls: list[Any] = []  # grpc futures (also grpc.Call)
         rest: list[Reply] = []
         stop = threading.Event()
@@ -334,14 +344,14 @@ def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topolog
                     accounts.GetAccount.future(request, metadata=rpc_metadata(token), timeout=30)
                     for _ in range(quota.refill)
                 )
-                time.sleep(quota.interval_seconds / 4)
+                time.sleep(quota.interval_seconds / 2)
 
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
         try:
             with ThreadPoolExecutor(max_workers=8) as pool:
                 while len(rest) < 10 * quota.burst and not any(r.status == 429 for r in rest):
-                    rest += pool.map(lambda _: http(url, headers=bearer(token)), range(16))
+                    rest += pool.map(lambda _: answer_or_none(url, token), range(16))
         finally:
             stop.set()
             drainer.join(30)
@@ -369,14 +379,17 @@ def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topolog
     rate_limited = "partner_quota.http_local_rate_limit.rate_limited"
     assert after[rate_limited] - before[rate_limited] == len(limited) + len(limited_rest)
     # Only the calls that passed the quota reached a service (+1: the other subject's):
-    # at least every one a service answered (NOT_FOUND: no such account), at most every
-    # one that was not limited (on a busy machine a few can time out on their way).
-    served = sum(1 for e in errors if e is None or cast(grpc.Call, e).code() is NOT_FOUND)
-    served += sum(1 for r in rest if r.status == 404)
+    # at least every one a service answered (INVALID_ARGUMENT), at most every one that
+    # was not limited (on a busy machine a few can time out on their way).
+    served = sum(1 for e in failed if e.code() is grpc.StatusCode.INVALID_ARGUMENT)
+    served += sum(1 for r in rest if r.status == 400)
     reached = sent_to_services(after) - sent_to_services(before) - 1
     assert served <= reached <= passed, (served, reached, passed)
     time.sleep(quota.interval_seconds)
-    assert http(url, headers=bearer(token)).status == 404  # after Retry-After: passes again
+    assert http(url, headers=bearer(token)).status == 400  # after Retry-After: passes again
+
+
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED  # passed the quota, answered late
 
 
 def test_credential_checks_are_limited_per_client_address(topo: Topology) -> None:
@@ -398,15 +411,20 @@ def test_credential_checks_are_limited_per_client_address(topo: Topology) -> Non
     def refills_since(started: float) -> int:
         return (int((time.monotonic() - started) // quota.interval_seconds) + 1) * quota.refill
 
+    # Passed the quota: refused by the service (401), or answered 504 by the edge when
+    # the service's password hash outlasted the route timeout on a busy machine.
+    passed_quota = (401, 504)
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=8) as pool:
         statuses = [r.status for r in pool.map(attempt, [address] * (quota.burst + 4))]
     assert statuses.count(429) >= 1
-    assert quota.burst <= statuses.count(401) <= quota.burst + refills_since(started)
+    passes = sum(statuses.count(s) for s in passed_quota)
+    assert statuses.count(429) + passes == len(statuses), statuses
+    assert quota.burst <= passes <= quota.burst + refills_since(started)
     # Limited now: only refills pass until the next refusal, which carries Retry-After.
     limited_at = time.monotonic()
     for passed in range(quota.burst):  # bounded: a machine slower than the refill never ends
-        if (over := attempt(address)).status != 401:
+        if (over := attempt(address)).status not in passed_quota:
             break
         assert passed + 1 <= refills_since(limited_at)
     assert over.status == 429, over.text
@@ -426,7 +444,7 @@ def test_credential_checks_are_limited_per_client_address(topo: Topology) -> Non
                 )
             if refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 break
-            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert refused.value.code() in (grpc.StatusCode.UNAUTHENTICATED, DEADLINE_EXCEEDED)
             assert passed + 1 <= refills_since(limited_at)
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert attempt("198.51.100.8").status == 401  # wrong credentials, but not limited
