@@ -60,6 +60,7 @@ from meshbank.account.v1 import account_pb2, account_pb2_grpc
 from meshbank.transfer.v1 import transfer_pb2, transfer_pb2_grpc
 from regions import drills, local, public_client
 from regions.topology import TopologyError
+from services.common.db import DEFAULT_POLICY
 
 PGBENCH = Path("/usr/lib/postgresql/15/bin/pgbench")
 TARGET_MESH_SHARE = 0.5  # full-mesh transfer throughput >= this share of the DB ceiling
@@ -68,8 +69,8 @@ MAX_PGBENCH_SCRIPTS = 128  # pgbench's limit on -f scripts
 FUNDING_MINOR = 10**12
 CALL_TIMEOUT = 10.0
 WARMUP_S = 1.0
-# Same retry budget as the service (services.common.db.DEFAULT_POLICY: 12 attempts).
-PGBENCH_MAX_TRIES = 12
+# The same retry budget as the service's retry helper.
+PGBENCH_MAX_TRIES = DEFAULT_POLICY.max_attempts
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def test_the_recorded_transaction_replays_under_pgbench(
             "--protocol=simple",
             "--client=2",
             "--transactions=15",
-            "--max-tries=12",
+            f"--max-tries={run.PGBENCH_MAX_TRIES}",
             *files,
             run.libpq_url(database_url),
         ],
