@@ -80,6 +80,9 @@ def build_with_engine(
             TokenIssuer(config.token_issuer, config.token_audience),
             Passwords(),
             key_passphrase=config.key_passphrase,
+            read_replica=auth_sql.transaction_runner(read_engine, policy=REPLICA_POLICY)
+            if read_engine is not None
+            else None,
         )
         # Every replica signs with the newest key in the database; the first one up
         # creates it. The passphrase that encrypts it never leaves this process.

@@ -156,8 +156,12 @@ class AuthService:
         new_token: TokenFactory = lambda: secrets.token_urlsafe(32),
         refresh_ttl: timedelta = REFRESH_TOKEN_TTL,
         key_publication_delay: timedelta = KEY_PUBLICATION_DELAY,
+        read_replica: TransactionRunner | None = None,
     ) -> None:
         self._run = run
+        self._read_replica = read_replica
+        # The last JWKS read from the database, and when: served while no member answers.
+        self._published: tuple[datetime, list[dict[str, str]]] | None = None
         self._issuer = issuer
         self._passwords = passwords
         self._passphrase = key_passphrase
@@ -279,9 +283,30 @@ class AuthService:
         self._run(work)
 
     def jwks(self) -> list[dict[str, str]]:
-        """The public JWKs of every key that may have signed a live token, newest first."""
-        active = self._run(lambda uow: uow.signing_keys.list_active(), readonly=True)
-        return [dict(k.public_jwk) for k in active]
+        """The public JWKs of every key that may have signed a live token, newest first.
+
+        Read from the region's replica when there is one (else, or when it fails, the
+        primary): the edges fetch this every few seconds, and during a database failover
+        they must keep getting it. When no member answers, the last set read is served
+        if it is younger than the key publication delay: no key can have started signing
+        since then without having been in it.
+        """
+        now = self._clock()
+        for run in (self._read_replica, self._run):
+            if run is None:
+                continue
+            try:
+                active = run(lambda uow: uow.signing_keys.list_active(), readonly=True)
+            except errors.Unavailable:
+                continue
+            published = [dict(k.public_jwk) for k in active]
+            self._published = (now, published)
+            return published
+        if self._published is not None and now - self._published[0] < self._publication_delay:
+            return self._published[1]
+        raise errors.Unavailable(
+            "the signing keys cannot be read right now; retry", reason="DATABASE_UNAVAILABLE"
+        )
 
     def _grant(
         self,

@@ -165,8 +165,11 @@ class FakeRunner:
         # Transactions whose COMMIT succeeds but whose answer is lost (the connection
         # drops during it): like run_transaction, the runner then runs the work again.
         self.lost_commit_replies = 0
+        self.down = False  # no database member answers: the retry helper gives up
 
     def __call__(self, work: Callable[[AuthUnitOfWork], T], *, readonly: bool = False) -> T:
+        if self.down:
+            raise errors.Unavailable("down", reason="DATABASE_UNAVAILABLE")
         self.transactions += 1
         draft = copy.deepcopy(self.state)
         result = work(self.uow_factory(draft))
@@ -712,6 +715,52 @@ def test_jwks_are_public_only(env: Env) -> None:
     assert jwk["kty"] == "OKP"
     assert jwk["crv"] == "Ed25519"
     assert jwk["alg"] == "EdDSA"
+
+
+def with_replica(env: Env) -> tuple[AuthService, FakeRunner]:
+    """The same service with a read replica: a copy of the primary's state now."""
+    replica = FakeRunner()
+    replica.state = copy.deepcopy(env.state)
+    auth = AuthService(
+        env.runner,
+        TokenIssuer(ISSUER, AUDIENCE),
+        env.passwords,
+        key_passphrase=PASSPHRASE,
+        clock=env.clock,
+        read_replica=replica,
+    )
+    return auth, replica
+
+
+def test_jwks_are_read_from_the_replica_when_there_is_one(env: Env) -> None:
+    auth, replica = with_replica(env)
+    before = env.runner.transactions
+    assert [k["kid"] for k in auth.jwks()] == [env.state.signing_keys[0].kid]
+    assert (env.runner.transactions, replica.transactions) == (before, 1)
+    replica.down = True  # a replica that fails: the primary answers
+    assert [k["kid"] for k in auth.jwks()] == [env.state.signing_keys[0].kid]
+    assert env.runner.transactions == before + 1
+
+
+def test_jwks_survive_a_database_failover_for_the_publication_delay(env: Env) -> None:
+    auth, replica = with_replica(env)
+    served = auth.jwks()
+    replica.down = env.runner.down = True  # an election: no member answers
+    env.clock.advance(seconds=KEY_PUBLICATION_DELAY.total_seconds() - 1)
+    assert auth.jwks() == served
+    # Older than the delay, a key published since could already sign: not served.
+    env.clock.advance(seconds=1)
+    with pytest.raises(errors.Unavailable):
+        auth.jwks()
+    env.runner.down = False
+    assert auth.jwks() == served
+
+
+def test_jwks_with_no_database_and_nothing_read_yet_are_unavailable(env: Env) -> None:
+    env.runner.down = True
+    with pytest.raises(errors.Unavailable) as caught:
+        env.auth.jwks()
+    assert caught.value.reason == "DATABASE_UNAVAILABLE"
 
 
 def test_retiring_a_key_waits_for_its_tokens_to_expire(env: Env) -> None:
