@@ -273,8 +273,10 @@ def grpc_phase(
     service = "transfer" if op == "CreateTransfer" else "account"
     pairs = pool.pairs
     md = fixture.metadata
+    # The service ports are plaintext on loopback; the global entry serves TLS only.
+    credentials = None if path == "direct" else public_client.credentials(deployment.ca_file)
     channels = [
-        [mesh_bench._channel(t, None, "") for t in _targets(deployment, service, path)]
+        [mesh_bench._channel(t, credentials, "") for t in _targets(deployment, service, path)]
         for _ in range(concurrency)
     ]
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
