@@ -575,7 +575,10 @@ class Supervisor:
             "tracing",
             "phoenix",
             "tracing-ui",
-            argv,
+            # At the lowest CPU priority: it ingests every span (a core's worth under
+            # load on these machines) and must not take CPU from the services it traces;
+            # it catches up when the machine is idle.
+            ["nice", "-n", "19", *argv],
             tracing.phoenix_env(self.topology, data, os.environ),
             self.state / "logs" / "tracing-ui.log",
             functools.partial(http_ok, tracing.health_url(self.topology)),
