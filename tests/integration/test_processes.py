@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshbank.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -51,9 +52,13 @@ def health(address: str) -> int:
     return int(reply.status)
 
 
-def test_serve_shuts_down_gracefully_on_sigterm(database_url: str) -> None:
+def test_serve_shuts_down_gracefully_on_sigterm(database_url: str, tmp_path: Path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
+    # Its log goes to a file: a pipe nobody reads until the end would block the process
+    # on a full buffer (64 KiB of log lines) and look like a hung shutdown.
+    log_path = tmp_path / "serve.log"
+    log_file = log_path.open("wb")
     proc = subprocess.Popen(
         [MESHBANK, "serve", "auth"],
         env=clean_env(
@@ -62,10 +67,11 @@ def test_serve_shuts_down_gracefully_on_sigterm(database_url: str) -> None:
             MESHBANK_LISTEN_ADDRESS=address,
             MESHBANK_SHUTDOWN_GRACE_SECONDS="5",
         ),
-        stdout=subprocess.PIPE,
+        stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    log_file.close()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -75,15 +81,18 @@ def test_serve_shuts_down_gracefully_on_sigterm(database_url: str) -> None:
             except grpc.RpcError:
                 pass
             assert time.monotonic() < deadline, "the service never became healthy"
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, log_path.read_text()
             time.sleep(0.2)
         with grpc.insecure_channel(address) as channel:
             jwks = auth_pb2_grpc.AuthServiceStub(channel).GetJwks(auth_pb2.GetJwksRequest())
         assert jwks.keys
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        output = proc.stdout.read().decode() if proc.stdout else ""
-        assert "SIGTERM" in output
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("no exit 30 s after SIGTERM; its log:\n" + log_path.read_text()[-5000:])
+        assert code == 0, log_path.read_text()[-5000:]
+        assert "SIGTERM" in log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
