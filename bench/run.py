@@ -103,22 +103,12 @@ def open_pool(fixture: Fixture, count: int, run_id: str) -> Pool:
         ) as channel:
             md = tuple(fixture.metadata)
             treasury = fixture.deployment.secrets["demo_treasury"]
-
-            def attempt() -> str | grpc.RpcError:
-                try:
-                    return drills.open_funded_account(
-                        channel, md, md, treasury, f"bench-{run_id}", n, FUNDING_MINOR, CALL_TIMEOUT
-                    )
-                except grpc.RpcError as err:
-                    return err
-
-            def retryable(result: str | grpc.RpcError) -> bool:
-                return isinstance(result, grpc.RpcError) and result.code() in workload.RETRYABLE
-
-            last = workload.retry_same_request(attempt, retryable, window=SETUP_RETRY_WINDOW)[-1]
-            if isinstance(last, grpc.RpcError):
-                raise last
-            return last
+            return workload.call_retrying(
+                lambda: drills.open_funded_account(
+                    channel, md, md, treasury, f"bench-{run_id}", n, FUNDING_MINOR, CALL_TIMEOUT
+                ),
+                window=SETUP_RETRY_WINDOW,
+            )
 
     with concurrent.futures.ThreadPoolExecutor(SETUP_CLIENTS) as pool:
         return Pool(list(pool.map(one, range(count))))

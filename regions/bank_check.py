@@ -45,7 +45,7 @@ from regions.bank_checker import (
 )
 from regions.bank_clients import BankClients, TokenSource
 from regions.topology import Topology
-from regions.workload import RETRYABLE, retry_same_request
+from regions.workload import call_retrying
 from services.common.validation import MAX_PAGE_SIZE
 
 SCOPES = ("accounts.read", "accounts.write", "transfers.read", "transfers.write")
@@ -242,23 +242,10 @@ def _setup_call(what: str, call: Callable[[], T], window: float = 120.0) -> T:
     """``call`` retried on retryable gRPC statuses: every setup call carries a fixed
     request_id (or only reads), so re-sending it replays rather than repeats, and a
     machine too busy to answer in time the first time is no reason to give up."""
-
-    def attempt() -> tuple[T | None, grpc.RpcError | None]:
-        try:
-            return call(), None
-        except grpc.RpcError as err:
-            return None, err
-
-    results = retry_same_request(
-        attempt,
-        lambda r: r[1] is not None and r[1].code() in RETRYABLE,
-        window=window,
-        max_delay=2.0,
-    )
-    value, err = results[-1]
-    if err is not None:
-        raise CheckError(f"{what} failed: {err.code().name}: {err.details()}")
-    return value  # type: ignore[return-value]  # None only with an error
+    try:
+        return call_retrying(call, window=window, max_delay=2.0)
+    except grpc.RpcError as err:
+        raise CheckError(f"{what} failed: {err.code().name}: {err.details()}") from err
 
 
 def _read_ledger_from_leader(

@@ -1,6 +1,6 @@
 """A bounded client workload against the global entry: transfers and reads, every outcome kept.
 
-Used by the failover drills (the bank check shares ``retry_same_request``). Writers move
+Used by the failover drills (the bank check and the bench share its retry helpers). Writers move
 random amounts between a fixed set of accounts, each transfer with its own request_id;
 a write that fails with a retryable status is re-sent with the same request_id until
 ``retry_window`` runs out, as a careful client would. Readers read balances with bounded staleness
@@ -199,6 +199,29 @@ def retry_same_request(
             return results
         sleep(delay)
         delay = min(max_delay, delay * 2)
+
+
+def call_retrying(call: Callable[[], ResultT], *, window: float, max_delay: float = 0.5) -> ResultT:
+    """``call``'s result, the call re-sent on retryable gRPC statuses for up to ``window``
+    seconds (``retry_same_request``); the last error is raised. Only for calls that are
+    safe to repeat: a fixed request_id (a replay, not a repeat) or a read."""
+
+    def attempt() -> tuple[ResultT | None, grpc.RpcError | None]:
+        try:
+            return call(), None
+        except grpc.RpcError as err:
+            return None, err
+
+    results = retry_same_request(
+        attempt,
+        lambda r: r[1] is not None and r[1].code() in RETRYABLE,
+        window=window,
+        max_delay=max_delay,
+    )
+    value, err = results[-1]
+    if err is not None:
+        raise err
+    return value  # type: ignore[return-value]  # None only with an error
 
 
 def outage_after(fault_at: float, events: list[tuple[float, float, bool]]) -> float:
