@@ -272,14 +272,6 @@ def test_a_dead_region_fails_over_and_comes_back(deployment: Deployment) -> None
     assert_writes_exactly_once(deployment, load)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_crashed_supervisor_leaves_nothing_behind_and_up_reuses_the_data(
     deployment: Deployment,
 ) -> None:
@@ -292,7 +284,7 @@ def test_a_crashed_supervisor_leaves_nothing_behind_and_up_reuses_the_data(
     import os
     import signal
 
-    from regions import replication
+    from regions import local, replication
 
     st = deployment.status()
     ports = [int(a.rsplit(":", 1)[1]) for a in st["endpoints"]["global"].values()]
@@ -302,11 +294,11 @@ def test_a_crashed_supervisor_leaves_nothing_behind_and_up_reuses_the_data(
         replication.postmaster_pid(member) for member in (deployment.state / "db").iterdir()
     ]
     os.kill(st["supervisor_pid"], signal.SIGKILL)
-    wait_for(lambda: not _alive(st["supervisor_pid"]), 10, "the supervisor to die")
+    wait_for(lambda: not local.pid_alive(st["supervisor_pid"]), 10, "the supervisor to die")
     assert deployment.meshbank("down").returncode == 0
     assert deployment.status()["phase"] == "stopped"
     pids = [p["pid"] for p in st["processes"]] + [p for p in postmasters if p]
-    wait_for(lambda: not any(_alive(pid) for pid in pids), 30, "every process to be gone")
+    wait_for(lambda: not any(local.pid_alive(pid) for pid in pids), 30, "every process to be gone")
     for port in ports:  # nothing left listening (TIME_WAIT remnants do not count)
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
