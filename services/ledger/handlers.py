@@ -1,8 +1,10 @@
 """The ledger's use cases: authorization, idempotency and the ledger rules, in one place.
 
-Each mutating use case runs inside one transaction that (1) looks up the caller's
-request_id, (2) applies the effect and (3) stores the response under that request_id.
-A replay returns the stored bytes; the same request_id with another request fails.
+Each mutating use case runs inside one transaction that applies the effect and stores
+the response under the caller's request_id, unless that request_id is already stored:
+then it is a replay, the effect is rolled back and the stored bytes are the answer (the
+same request_id with another request fails). See ``LedgerService._idempotent`` for why
+the key is looked up after the effect, not before.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from services.ledger.ports import (
     LedgerEvents,
     LedgerUnitOfWork,
     NoEvents,
+    StoredResponse,
     TransactionRunner,
 )
 
@@ -71,6 +74,24 @@ class Page(Generic[ItemT]):
     next_cursor: Cursor | None
 
 
+class _Replay(Exception):
+    """A request_id that is already stored: roll back the effect, answer ``outcome``."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("replay")
+        self.outcome = outcome
+
+
+def _replay_of(stored: StoredResponse, key: RequestKey) -> Outcome:
+    if stored.method != key.method or stored.fingerprint != key.fingerprint:
+        raise errors.AlreadyExists(
+            "this request_id was already used for a different request",
+            reason="REQUEST_ID_REUSED",
+            metadata={"request_id": key.request_id},
+        )
+    return Outcome(stored.response, replayed=True)
+
+
 def _not_owner(principal: Principal, account: Account) -> errors.PermissionDenied:
     return errors.PermissionDenied(
         f"{principal.name} does not own account {account.account_id}",
@@ -109,23 +130,43 @@ class LedgerService:
     def _idempotent(
         uow: LedgerUnitOfWork, principal: Principal, key: RequestKey, effect: Callable[[], bytes]
     ) -> Outcome:
-        stored = uow.idempotency.get(principal.name, key.request_id)
-        if stored is not None:
-            if stored.method != key.method or stored.fingerprint != key.fingerprint:
-                raise errors.AlreadyExists(
-                    "this request_id was already used for a different request",
-                    reason="REQUEST_ID_REUSED",
-                    metadata={"request_id": key.request_id},
-                )
-            return Outcome(stored.response, replayed=True)
-        response = effect()
-        uow.idempotency.put(principal.name, key.request_id, key.method, key.fingerprint, response)
-        return Outcome(response, replayed=False)
+        """Apply ``effect`` and store its response under ``key``, unless ``key`` is stored.
 
-    def _replayed(self, key: RequestKey, outcome: Outcome) -> Outcome:
-        if outcome.replayed:
+        The effect runs first, and the key is stored with an insert that does nothing
+        if the key exists. A lookup comes only when one is needed: when the insert found
+        the key, or when the effect refused the request (a replay of a request that
+        succeeded answers as it did, even if the request would be refused now). Looking
+        the key up first, on every request, made concurrent requests fail each other
+        under SERIALIZABLE: a lookup that finds nothing locks the index page (SSI's
+        predicate lock), every concurrent insert of a key into that page conflicts with
+        it, and two such requests abort one of the two (measured in docs/benchmarks.md).
+
+        A replay raises ``_Replay``, which rolls the effect back; ``_transact`` answers
+        with the stored response.
+        """
+        try:
+            response = effect()
+        except errors.DomainError:
+            stored = uow.idempotency.get(principal.name, key.request_id)
+            if stored is None:
+                raise
+            raise _Replay(_replay_of(stored, key)) from None
+        if uow.idempotency.add(
+            principal.name, key.request_id, key.method, key.fingerprint, response
+        ):
+            return Outcome(response, replayed=False)
+        stored = uow.idempotency.get(principal.name, key.request_id)
+        if stored is None:  # the insert saw a key this transaction's snapshot does not
+            raise RuntimeError(f"request_id {key.request_id!r} is stored but not visible")
+        raise _Replay(_replay_of(stored, key))
+
+    def _transact(self, key: RequestKey, work: Callable[[LedgerUnitOfWork], Outcome]) -> Outcome:
+        """Run a mutating use case's transaction; a replay answers with the stored response."""
+        try:
+            return self._run(work)
+        except _Replay as replay:
             self._events.request_replayed(key.method)
-        return outcome
+            return replay.outcome
 
     # -- accounts --------------------------------------------------------------------
 
@@ -163,7 +204,7 @@ class LedgerService:
 
             return self._idempotent(uow, principal, key, effect)
 
-        return self._replayed(key, self._run(work))
+        return self._transact(key, work)
 
     def get_account(
         self, principal: Principal, account_id: uuid.UUID, max_staleness: float | None = None
@@ -234,7 +275,7 @@ class LedgerService:
 
             return self._idempotent(uow, principal, key, effect)
 
-        return self._replayed(key, self._run(work))
+        return self._transact(key, work)
 
     # -- transfers -------------------------------------------------------------------
 
@@ -286,10 +327,10 @@ class LedgerService:
 
             return self._idempotent(uow, principal, key, effect)
 
-        outcome = self._run(work)
+        outcome = self._transact(key, work)
         if not outcome.replayed:
             self._events.transfer_committed(cmd.currency_code, cmd.amount_minor)
-        return self._replayed(key, outcome)
+        return outcome
 
     def get_transfer(self, principal: Principal, transfer_id: uuid.UUID) -> Transfer:
         principal.require(Scope.TRANSFERS_READ)

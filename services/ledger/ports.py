@@ -65,9 +65,14 @@ class TransferRepository(Protocol):
 class IdempotencyStore(Protocol):
     def get(self, principal: str, request_id: str) -> StoredResponse | None: ...
 
-    def put(
+    def add(
         self, principal: str, request_id: str, method: str, fingerprint: bytes, response: bytes
-    ) -> None: ...
+    ) -> bool:
+        """Store the response under the key; False (nothing stored) if the key exists.
+
+        Must not lock more than the new key: no lookup that finds nothing (see
+        ``LedgerService._idempotent``)."""
+        ...
 
 
 class LedgerUnitOfWork(Protocol):

@@ -221,21 +221,26 @@ class SqlIdempotency:
             return None
         return StoredResponse(row.method, bytes(row.fingerprint), bytes(row.response))
 
-    def put(
+    def add(
         self, principal: str, request_id: str, method: str, fingerprint: bytes, response: bytes
-    ) -> None:
-        # A plain INSERT: if a concurrent transaction stored the same key first, the
-        # unique violation (or the serialization failure PostgreSQL reports instead)
-        # aborts this transaction and the retry finds and replays the stored response.
-        self._conn.execute(
-            pg_insert(idempotency_keys).values(
+    ) -> bool:
+        # INSERT ... ON CONFLICT DO NOTHING checks the key with a dirty snapshot, which
+        # takes no SSI predicate lock. If a concurrent transaction stored the same key
+        # and committed after this one began, PostgreSQL raises a serialization failure
+        # (and CockroachDB its retry error): the retry finds the key and replays it.
+        inserted = self._conn.execute(
+            pg_insert(idempotency_keys)
+            .values(
                 principal=principal,
                 request_id=request_id,
                 method=method,
                 fingerprint=fingerprint,
                 response=response,
             )
-        )
+            .on_conflict_do_nothing(index_elements=["principal", "request_id"])
+            .returning(idempotency_keys.c.request_id)
+        ).first()
+        return inserted is not None
 
 
 # How stale a standby's answer may be. On the primary: 0. On a standby that has

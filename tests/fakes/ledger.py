@@ -89,11 +89,13 @@ class FakeIdempotency:
     def get(self, principal: str, request_id: str) -> StoredResponse | None:
         return self._s.keys.get((principal, request_id))
 
-    def put(
+    def add(
         self, principal: str, request_id: str, method: str, fingerprint: bytes, response: bytes
-    ) -> None:
-        assert (principal, request_id) not in self._s.keys
+    ) -> bool:
+        if (principal, request_id) in self._s.keys:
+            return False
         self._s.keys[(principal, request_id)] = StoredResponse(method, fingerprint, response)
+        return True
 
 
 class FakeUnitOfWork:

@@ -101,6 +101,43 @@ def test_same_request_id_with_a_different_request_is_rejected(ledger: Ledger) ->
     assert ledger.balance(alice) == 700
 
 
+def test_a_replay_answers_as_the_first_call_even_when_the_request_would_now_be_refused(
+    ledger: Ledger,
+) -> None:
+    # The effect runs before the key is looked up: a replay it refuses (alice has spent
+    # the money since) must still answer with the stored response, and change nothing.
+    bank, alice, bob = ledger.treasury(), ledger.open(ALICE), ledger.open(BOB)
+    ledger.pay(BANK, bank, alice, 100)
+    first = ledger.pay(ALICE, alice, bob, 100, request_id="all-of-it")
+    again = ledger.pay(ALICE, alice, bob, 100, request_id="all-of-it")
+    assert first == again
+    assert (ledger.balance(alice), ledger.balance(bob)) == (0, 100)
+    assert len(ledger.runner.state.transfers) == 2
+
+
+def test_a_reused_request_id_is_rejected_even_when_the_other_request_would_be_refused(
+    ledger: Ledger,
+) -> None:
+    bank, alice, bob = ledger.treasury(), ledger.open(ALICE), ledger.open(BOB)
+    ledger.pay(BANK, bank, alice, 100)
+    ledger.pay(ALICE, alice, bob, 100, request_id="r")
+    with pytest.raises(errors.AlreadyExists) as exc:
+        ledger.pay(ALICE, alice, bob, 5, request_id="r")  # alice has nothing left
+    assert exc.value.reason == "REQUEST_ID_REUSED"
+
+
+def test_a_replayed_account_opening_opens_no_second_account(ledger: Ledger) -> None:
+    request = key("open-1")
+    first = ledger.service.create_account(
+        ALICE, OpenAccount("", "acct", "USD", 0), request, encode_account
+    )
+    again = ledger.service.create_account(
+        ALICE, OpenAccount("", "acct", "USD", 0), request, encode_account
+    )
+    assert again.response == first.response and again.replayed
+    assert len(ledger.runner.state.accounts) == 1
+
+
 def test_request_ids_are_scoped_per_principal(ledger: Ledger) -> None:
     bank, alice, bob = ledger.treasury(), ledger.open(ALICE), ledger.open(BOB)
     ledger.pay(BANK, bank, alice, 100, request_id="x")
