@@ -164,7 +164,7 @@ def _render(statement: Statement, rec: Recording, pair: tuple[uuid.UUID, uuid.UU
     params: Mapping[str, Any] = statement.parameters or {}
     if text.startswith("UPDATE accounts SET balance_minor="):
         # Which account this UPDATE writes: debit the source, credit the destination.
-        account = next(v for k, v in params.items() if k.startswith("account_id"))
+        account = next(v for v in params.values() if v in (rec.source, rec.destination))
         sign = "-" if account == rec.source else "+"
         literals = {k: _literal(v, rec, pair) for k, v in params.items()}
         literals["balance_minor"] = f"balance_minor {sign} {rec.amount_minor}"

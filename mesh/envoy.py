@@ -38,6 +38,8 @@ from regions.topology import Instance, Topology, edge_identity, service_identity
 Config = dict[str, Any]
 
 HC_INTERVAL = "1s"
+# How long a database health check waits for Patroni (see _database_cluster).
+DB_HC_TIMEOUT = "2s"
 TYPE_URL = "type.googleapis.com/"
 EXT = TYPE_URL + "envoy.extensions."
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -587,6 +589,14 @@ def _database_cluster(
     dead or paused; ``/read-only`` stopped answering in time while Patroni's loop waited
     on a lost etcd member (emptying the cluster during failovers), and a plain TCP check
     passes for a SIGSTOPped PostgreSQL, whose kernel still accepts connections.
+
+    A check waits up to ``DB_HC_TIMEOUT`` for Patroni. Every sidecar checks every member
+    twice a second (about 70 requests a second per Patroni here, each running a query),
+    and under the benchmark's load a 1 s timeout ran out twice in a row often enough to
+    mark the leader unhealthy: the sidecar then closed every connection to it, and the
+    transactions on them failed (docs/benchmarks.md). A dead or demoted member still
+    fails at once (connection refused, 503); a paused one is marked down after two
+    timeouts, about 5 s, before Patroni's 6 s TTL lets another member take over.
     """
     localities: list[Config] = []
     for priority, other in enumerate(topology.region(region).preference):
@@ -616,7 +626,7 @@ def _database_cluster(
         "load_assignment": {"cluster_name": name, "endpoints": localities},
         "health_checks": [
             {
-                "timeout": "1s",
+                "timeout": DB_HC_TIMEOUT,
                 "interval": "0.5s",
                 "no_traffic_interval": "0.5s",
                 "unhealthy_threshold": 2,

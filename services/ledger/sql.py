@@ -15,6 +15,31 @@ from services.common.schema import accounts, currencies, idempotency_keys, ledge
 from services.ledger.model import Account, AccountState, Entry, Transfer
 from services.ledger.ports import Cursor, StoredResponse
 
+# The statements of the transfer transaction, built once: building a statement and its
+# cache key on every call was a tenth of the transfer service's CPU (docs/benchmarks.md).
+_LOCK_ACCOUNTS = (
+    sa.select(accounts)
+    .where(accounts.c.account_id.in_(sa.bindparam("account_ids", expanding=True)))
+    .order_by(accounts.c.account_id)
+    .with_for_update()
+)
+_SAVE_ACCOUNT = (
+    accounts.update()
+    .where(accounts.c.account_id == sa.bindparam("b_account_id"))
+    .values(
+        balance_minor=sa.bindparam("balance_minor"),
+        state=sa.bindparam("state"),
+        closed_at=sa.bindparam("closed_at"),
+    )
+)
+_INSERT_TRANSFER = transfers.insert()
+_INSERT_ENTRIES = ledger_entries.insert()
+_ADD_KEY = (
+    pg_insert(idempotency_keys)
+    .on_conflict_do_nothing(index_elements=["principal", "request_id"])
+    .returning(idempotency_keys.c.request_id)
+)
+
 
 def _account(row: Any) -> Account:
     return Account(
@@ -42,12 +67,7 @@ class SqlAccounts:
         return None if row is None else _account(row)
 
     def lock(self, account_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Account]:
-        rows = self._conn.execute(
-            sa.select(accounts)
-            .where(accounts.c.account_id.in_(list(account_ids)))
-            .order_by(accounts.c.account_id)
-            .with_for_update()
-        ).all()
+        rows = self._conn.execute(_LOCK_ACCOUNTS, {"account_ids": list(account_ids)}).all()
         return {row.account_id: _account(row) for row in rows}
 
     def add(self, account: Account) -> None:
@@ -68,13 +88,13 @@ class SqlAccounts:
 
     def save(self, account: Account) -> None:
         self._conn.execute(
-            accounts.update()
-            .where(accounts.c.account_id == account.account_id)
-            .values(
-                balance_minor=account.balance_minor,
-                state=account.state.value,
-                closed_at=account.closed_at,
-            )
+            _SAVE_ACCOUNT,
+            {
+                "b_account_id": account.account_id,
+                "balance_minor": account.balance_minor,
+                "state": account.state.value,
+                "closed_at": account.closed_at,
+            },
         )
 
     def list_by_owner(self, owner: str, after: Cursor | None, limit: int) -> list[Account]:
@@ -105,20 +125,21 @@ class SqlTransfers:
 
     def add(self, transfer: Transfer) -> None:
         self._conn.execute(
-            transfers.insert().values(
-                transfer_id=transfer.transfer_id,
-                request_id=transfer.request_id,
-                initiated_by=transfer.initiated_by,
-                source_account_id=transfer.source_account_id,
-                destination_account_id=transfer.destination_account_id,
-                amount_minor=transfer.amount_minor,
-                currency_code=transfer.currency_code,
-                description=transfer.description,
-                created_at=transfer.created_at,
-            )
+            _INSERT_TRANSFER,
+            {
+                "transfer_id": transfer.transfer_id,
+                "request_id": transfer.request_id,
+                "initiated_by": transfer.initiated_by,
+                "source_account_id": transfer.source_account_id,
+                "destination_account_id": transfer.destination_account_id,
+                "amount_minor": transfer.amount_minor,
+                "currency_code": transfer.currency_code,
+                "description": transfer.description,
+                "created_at": transfer.created_at,
+            },
         )
         self._conn.execute(
-            ledger_entries.insert(),
+            _INSERT_ENTRIES,
             [
                 {
                     "entry_id": e.entry_id,
@@ -229,16 +250,14 @@ class SqlIdempotency:
         # and committed after this one began, PostgreSQL raises a serialization failure
         # (and CockroachDB its retry error): the retry finds the key and replays it.
         inserted = self._conn.execute(
-            pg_insert(idempotency_keys)
-            .values(
-                principal=principal,
-                request_id=request_id,
-                method=method,
-                fingerprint=fingerprint,
-                response=response,
-            )
-            .on_conflict_do_nothing(index_elements=["principal", "request_id"])
-            .returning(idempotency_keys.c.request_id)
+            _ADD_KEY,
+            {
+                "principal": principal,
+                "request_id": request_id,
+                "method": method,
+                "fingerprint": fingerprint,
+                "response": response,
+            },
         ).first()
         return inserted is not None
 

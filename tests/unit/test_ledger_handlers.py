@@ -134,7 +134,8 @@ def test_a_replayed_account_opening_opens_no_second_account(ledger: Ledger) -> N
     again = ledger.service.create_account(
         ALICE, OpenAccount("", "acct", "USD", 0), request, encode_account
     )
-    assert again.response == first.response and again.replayed
+    assert again.response == first.response
+    assert again.replayed
     assert len(ledger.runner.state.accounts) == 1
 
 
