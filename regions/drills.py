@@ -214,23 +214,38 @@ class Fault:
         elif self.name == "region-kill":
             local.kill_region(self.state, self.region, [r for r in local.ROLES if r != "global"])
         elif self.name == "leader-pause":
-            pids = []
-            patroni = _patroni_pid(self.state, self.region)
-            if patroni is not None:
-                pids += process_tree(patroni)
-            postmaster = replication.postmaster_pid(self.state / "db" / self.region)
-            if postmaster is not None:
-                pids += process_tree(postmaster)
-            self._paused = sorted(set(pids))
-            if not self._paused:
-                raise DrillError(f"no Patroni/PostgreSQL processes found in {self.region}")
-            for pid in self._paused:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
+            self._paused = self._pause_leader()
         elif self.name == "region-partition" and self._network is not None:
             self._network.partition(self.region)
         else:
             raise DrillError(f"unknown drill {self.name!r}; known: {', '.join(DRILLS)}")
+
+    def _pause_leader(self) -> list[int]:
+        """SIGSTOP the region's Patroni and PostgreSQL, every process of both.
+
+        The roots go first: a running postmaster forks a backend for every new
+        connection, and a backend forked after the process list was read would go on
+        serving writes (an earlier drill measured a 0.44 s "outage" that way). Then the
+        trees are listed again, and again, until a listing finds nothing new.
+        """
+        patroni = _patroni_pid(self.state, self.region)
+        postmaster = replication.postmaster_pid(self.state / "db" / self.region)
+        if patroni is None or postmaster is None or not local.pid_alive(postmaster):
+            raise DrillError(
+                f"{self.region} has no running Patroni and PostgreSQL to pause "
+                f"(Patroni pid {patroni}, postmaster pid {postmaster})"
+            )
+        paused: list[int] = []
+        todo = [postmaster, patroni]
+        for _ in range(10):
+            for pid in todo:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                paused.append(pid)
+            todo = sorted({*process_tree(postmaster), *process_tree(patroni)}.difference(paused))
+            if not todo:
+                return paused
+        raise DrillError(f"{self.region}'s processes kept forking while being paused")
 
     def stop(self) -> None:
         if self.name == "leader-pause":
