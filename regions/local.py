@@ -69,6 +69,7 @@ ROLES = ("etcd", "db", "service", "sidecar", "edge", "global", "tracing")
 
 # Seeding waits out a slow start (UNAVAILABLE / DEADLINE_EXCEEDED) this long at most.
 SEED_TIMEOUT = 240.0
+SERVICE_WORKERS = 8  # gRPC worker threads of each service replica, and its DB pool
 SEED_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -528,8 +529,11 @@ class Supervisor:
                 MESHBANK_INSTANCE_ID=i.name,
                 MESHBANK_REGION=i.region,
                 MESHBANK_ZONE=i.zone,
-                MESHBANK_DB_POOL_SIZE="4",
-                MESHBANK_GRPC_WORKERS="8",
+                # A pooled connection per worker thread: with fewer, calls beyond the
+                # pool opened (and closed) a connection each, a PostgreSQL fork and a
+                # SCRAM handshake per call under load (docs/benchmarks.md).
+                MESHBANK_DB_POOL_SIZE=str(SERVICE_WORKERS),
+                MESHBANK_GRPC_WORKERS=str(SERVICE_WORKERS),
                 **tracing.service_env(t),
                 MESHBANK_METRICS_ADDRESS=f"{t.host_of(i.region)}:{i.metrics_port}",
             )

@@ -83,6 +83,9 @@ def etcd_argv(topology: Topology, region: str, data_dir: Path) -> list[str]:
     ]
 
 
+PATRONI_REQUEST_QUEUE = 1024  # the REST API's listen backlog (Patroni's default: 5)
+
+
 def patroni_config(
     topology: Topology, region: str, member_dir: Path, secret: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -102,6 +105,12 @@ def patroni_config(
         "restapi": {
             "listen": f"{host}:{topology.patroni_port(region)}",
             "connect_address": f"{host}:{topology.patroni_port(region)}",
+            # Every sidecar health-checks every member twice a second (~70 connections
+            # a second per member). With Patroni's default accept queue of 5 the kernel
+            # dropped ~35 SYNs a second even at idle (TcpExtListenOverflows), each
+            # retransmitted a second later: checks timed out, and a healthy leader was
+            # marked down and its connections closed (docs/benchmarks.md).
+            "request_queue_size": PATRONI_REQUEST_QUEUE,
         },
         "etcd3": {
             "hosts": [

@@ -5,6 +5,7 @@ totals conserved, replication whole again. Outage figures are printed, not asser
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -42,3 +43,19 @@ def test_partition_drill_is_refused_without_network_namespaces(deployment: Deplo
     assert "MESHBANK_NETNS=1" in out.stderr
     assert out.stdout == ""
     assert deployment.status()["database_leader"] == before["database_leader"]
+
+
+def test_every_patroni_rest_api_has_room_for_the_health_checks(deployment: Deployment) -> None:
+    # Patroni's default accept queue (5) overflowed under the sidecars' health checks:
+    # dropped SYNs came back a second later, checks timed out and a healthy leader was
+    # marked down. `ss` shows a listening socket's backlog as its Send-Q.
+    from regions import local, replication
+
+    topology = local.load_topology(deployment.env)
+    for region in topology.region_names:
+        port = topology.patroni_port(region)
+        out = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out, f"nothing listens on {region}'s Patroni port {port}"
+        assert int(out[2]) == replication.PATRONI_REQUEST_QUEUE, out

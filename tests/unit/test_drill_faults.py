@@ -45,7 +45,9 @@ def member(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Popen[bytes]]
     (data / "postmaster.pid").write_text(f"{postmaster.pid}\n{data}\n")
     status = {"processes": [{"region": "us-east", "role": "db", "pid": patroni.pid}]}
     (tmp_path / "status.json").write_text(json.dumps(status))
-    time.sleep(0.3)  # the forker has children
+    deadline = time.monotonic() + 20
+    while len(drills.process_tree(postmaster.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the forker has children
     try:
         yield tmp_path, [patroni, postmaster]
     finally:
