@@ -66,7 +66,9 @@ PGBENCH = Path("/usr/lib/postgresql/15/bin/pgbench")
 TARGET_MESH_SHARE = 0.5  # full-mesh transfer throughput >= this share of the DB ceiling
 TARGET_MESH_P99_MS = 25.0  # ... with p99 at most this at that load
 MAX_PGBENCH_SCRIPTS = 128  # pgbench's limit on -f scripts
-FUNDING_MINOR = 10**12
+# Each transfer moves 1 minor unit: a million per account outlasts any run, and the
+# demo treasury (overdraft 10**15) funds millions of runs (10**12 had it dry after 7).
+FUNDING_MINOR = 10**6
 CALL_TIMEOUT = 10.0
 WARMUP_S = 1.0
 # The same retry budget as the service's retry helper.

@@ -24,6 +24,7 @@ attributes recorded are the client's ``request_id`` and resource ids.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -374,6 +375,7 @@ _TABLE_AFTER = {
 }
 
 
+@functools.lru_cache(maxsize=1024)  # a service sends a few dozen distinct statements
 def summarize(statement: str) -> tuple[str, str]:
     """(operation, summary) of a SQL statement, e.g. ("SELECT", "SELECT accounts").
 
