@@ -177,6 +177,9 @@ def retry_cause(exc: BaseException) -> RetryCause:
 
 
 DEFAULT_POLICY = RetryPolicy()
+# One generator for the backoff jitter: seeding one per transaction (from os.urandom) was
+# 1.4% of the transfer service's wall time under load.
+_JITTER = random.Random()  # noqa: S311 - jitter, not security
 
 # Called once per retry with the attempt number and the error; services count them.
 RetryObserver = Callable[[int, BaseException], None]
@@ -197,7 +200,7 @@ def run_transaction(
     transaction (which is rolled back on failure) and domain errors it raises are not
     retried. Exhausted retries raise ``errors.Unavailable``.
     """
-    rng = rng or random.Random()  # noqa: S311 - jitter, not security
+    rng = rng or _JITTER
     for attempt in range(1, policy.max_attempts + 1):
         try:
             with engine.connect() as conn:
