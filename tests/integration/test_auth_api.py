@@ -144,15 +144,15 @@ def test_rotated_keys_sign_new_tokens_while_old_tokens_keep_working(
     if time.monotonic() - rotated_at < KEY_PUBLICATION_DELAY.total_seconds():
         assert header(during)["kid"] == old_kid
     # Let the delay pass by moving the key's creation back, instead of waiting for it.
+    # The old key moves back further if it is younger than that: the newest published
+    # key signs, and a stack started moments ago has an old key newer than the new
+    # one's moved-back creation (which then kept signing).
+    published = datetime.now(UTC) - KEY_PUBLICATION_DELAY
     engine = sa.create_engine(database_url)
     with engine.begin() as conn:
-        conn.execute(
-            sa.text("UPDATE signing_keys SET created_at = :at WHERE kid = :kid"),
-            {
-                "at": datetime.now(UTC) - KEY_PUBLICATION_DELAY - timedelta(seconds=1),
-                "kid": new_kid,
-            },
-        )
+        move_back = "UPDATE signing_keys SET created_at = LEAST(created_at, :at) WHERE kid = :kid"
+        conn.execute(sa.text(move_back), {"at": published - timedelta(seconds=2), "kid": old_kid})
+        conn.execute(sa.text(move_back), {"at": published - timedelta(seconds=1), "kid": new_kid})
     engine.dispose()
     bob = stack.user()
     assert header(bob.token)["kid"] == new_kid
