@@ -69,8 +69,8 @@ ROLES = ("etcd", "db", "service", "sidecar", "edge", "global", "tracing")
 
 # Seeding waits out a slow start (UNAVAILABLE / DEADLINE_EXCEEDED) this long at most.
 SEED_TIMEOUT = 240.0
-SERVICE_WORKERS = 8  # gRPC worker threads of each service replica, and its DB pool
 SEED_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+SERVICE_WORKERS = 8  # gRPC worker threads of each service replica, and its DB pool
 
 
 class LocalError(RuntimeError):
@@ -268,11 +268,18 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie is gone
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, ...), or
+    None when there is no such process."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is gone
+        text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
+        return None
+    return text.rsplit(")", 1)[1].split()
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from regions import drills
+from regions import drills, local
 
 # Forks a child every 10 ms (as a postmaster does for each new connection), each child
 # lives a second: a pause that lists the processes before stopping the parent misses some.
@@ -33,7 +34,9 @@ while True:
 
 
 def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    fields = local.proc_stat(pid)
+    assert fields is not None, f"process {pid} is gone"
+    return fields[0]
 
 
 @pytest.fixture
@@ -53,8 +56,9 @@ def member(tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Popen[bytes]]
     finally:
         for proc in (postmaster, patroni):
             for pid in drills.process_tree(proc.pid):
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # a child that just exited
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
 
