@@ -273,9 +273,16 @@ def _hcm(stat_prefix: str, routes: Config, filters: list[Config], **extra: Any) 
     }
 
 
-def _tracing(service_name: str, tags: dict[str, str]) -> Config:
+def _tracing(topology: Topology, service_name: str, tags: dict[str, str]) -> Config:
     """The HCM's OpenTelemetry tracer: W3C ``traceparent`` in and out, one span per
     request named by the route's ``decorator``, exported to ``TRACING_CLUSTER``.
+
+    Head sampling: a request that arrives without a ``traceparent`` is traced with the
+    topology's ``tracing.sample_percent`` (``random_sampling``), or always when it carries
+    ``x-client-trace-id`` (``client_sampling``, Envoy's default 100%). One that arrives
+    with a ``traceparent`` keeps its sampled flag: Envoy's OpenTelemetry tracer follows
+    the parent, and so do the services' SDKs (``parentbased_traceidratio``). The first
+    hop decides for the whole trace, so a trace is complete or absent.
 
     ``tags`` become attributes of every span: which proxy and region handled the
     request, visible per span in any UI (Phoenix does not show resource attributes).
@@ -293,6 +300,7 @@ def _tracing(service_name: str, tags: dict[str, str]) -> Config:
                 "service_name": service_name,
             },
         },
+        "random_sampling": {"value": topology.trace_sample_percent},
         "custom_tags": [{"tag": k, "literal": {"value": v}} for k, v in tags.items()],
     }
 
@@ -698,6 +706,7 @@ def sidecar(topology: Topology, instance: Instance, paths: Paths) -> Config:
                                 forward_client_cert_details="SANITIZE_SET",
                                 set_current_client_cert_details={"uri": True},
                                 tracing=_tracing(
+                                    topology,
                                     f"meshbank-{instance.service}-sidecar",
                                     {
                                         "meshbank.proxy": "sidecar",
@@ -872,7 +881,9 @@ def _edge_hcm(
         f"edge_{region}",
         routes,
         filters,
-        tracing=_tracing("meshbank-edge", {"meshbank.proxy": "edge", "meshbank.region": region}),
+        tracing=_tracing(
+            topology, "meshbank-edge", {"meshbank.proxy": "edge", "meshbank.region": region}
+        ),
         **edge_policy.listener_limits(policy),
         **edge_policy.trusted_client_address(topology),
     )
@@ -940,6 +951,7 @@ def global_entry(topology: Topology, paths: Paths) -> Config:
                                 routes,
                                 [edge_policy.body_limit(topology.edge)],
                                 tracing=_tracing(
+                                    topology,
                                     "meshbank-global-entry",
                                     {"meshbank.proxy": "global", "meshbank.location": location},
                                 ),

@@ -35,6 +35,7 @@ import yaml
 from mesh import api, envoy, k8s_envoy
 from mesh.k8s_envoy import POD
 from mesh.public_tls import PublicCert
+from regions import tracing
 from regions.k8s_settings import KubernetesSettings, image_problem
 from regions.topology import Region, Topology
 
@@ -439,6 +440,13 @@ class _RegionRenderer:
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
             },
             {"name": "MESHBANK_SHUTDOWN_GRACE_SECONDS", "value": "10"},
+            # The services export their spans to the cluster's collector, as the
+            # sidecars do, sampled like them (the topology's tracing.sample_percent).
+            {
+                "name": "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "value": f"http://{self.settings.trace_collector}",
+            },
+            *({"name": k, "value": v} for k, v in tracing.sampler_env(self.topology).items()),
         ]
         if service == "auth":
             env.append(

@@ -110,6 +110,12 @@ class EdgeTls:
         return self.cert_file is not None
 
 
+# The share of requests traced when the topology does not say. Every span is exported and
+# ingested: tracing every request cost the local deployment a third of its transfer
+# throughput (docs/benchmarks.md), and production collectors are sized for a sample.
+DEFAULT_TRACE_SAMPLE_PERCENT = 10.0
+
+
 @dataclass(frozen=True)
 class EdgePolicy:
     """What every edge enforces on partner traffic (the ``edge`` section of the topology).
@@ -163,6 +169,8 @@ class Topology:
     # How `meshbank render k8s` maps this topology onto clusters (None: not described).
     kubernetes: KubernetesSettings | None = None
     edge: EdgePolicy = EdgePolicy()
+    # Head sampling: the percentage of requests traced (the ``tracing`` section).
+    trace_sample_percent: float = DEFAULT_TRACE_SAMPLE_PERCENT
 
     def region(self, name: str) -> Region:
         return next(r for r in self.regions if r.name == name)
@@ -277,7 +285,8 @@ def _problems_in(data: Any) -> tuple[list[str], dict[str, Any]]:
     problems: list[str] = []
     if not isinstance(data, dict):
         return ["the topology must be a mapping with regions, services and ports"], {}
-    unknown = set(data) - {"regions", "services", "ports", "default_location", "kubernetes", "edge"}
+    known = {"regions", "services", "ports", "default_location", "kubernetes", "edge", "tracing"}
+    unknown = set(data) - known
     if unknown:
         problems.append(f"unknown top-level keys: {sorted(unknown)}")
     return problems, data
@@ -351,6 +360,23 @@ def _edge_policy(raw: Any, problems: list[str]) -> EdgePolicy:
         tls=_edge_tls(raw.get("tls"), problems),
         **values,
     )
+
+
+def _trace_sample_percent(raw: Any, problems: list[str]) -> float:
+    """The optional ``tracing`` section: ``sample_percent``, 0-100 (a number)."""
+    if raw is None:
+        return DEFAULT_TRACE_SAMPLE_PERCENT
+    if not isinstance(raw, dict):
+        problems.append("tracing: must be a mapping with sample_percent")
+        return DEFAULT_TRACE_SAMPLE_PERCENT
+    unknown = set(raw) - {"sample_percent"}
+    if unknown:
+        problems.append(f"tracing: unknown keys {sorted(unknown)} (known: sample_percent)")
+    value = raw.get("sample_percent", DEFAULT_TRACE_SAMPLE_PERCENT)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        problems.append(f"tracing.sample_percent: must be a number from 0 to 100, got {value!r}")
+        return DEFAULT_TRACE_SAMPLE_PERCENT
+    return float(value)
 
 
 def _dns_or_ip(name: str) -> bool:
@@ -491,11 +517,18 @@ def parse(data: Any, source: str = "<topology>") -> Topology:
     kubernetes = parse_kubernetes(data.get("kubernetes"), names, SERVICE_NAMES, problems)
 
     edge = _edge_policy(data.get("edge"), problems)
+    sample_percent = _trace_sample_percent(data.get("tracing"), problems)
 
     if problems:
         raise TopologyError(f"{source}:\n  " + "\n  ".join(problems))
     topology = Topology(
-        tuple(regions), replicas, ports, default_location, kubernetes=kubernetes, edge=edge
+        tuple(regions),
+        replicas,
+        ports,
+        default_location,
+        kubernetes=kubernetes,
+        edge=edge,
+        trace_sample_percent=sample_percent,
     )
     try:
         topology.all_ports()

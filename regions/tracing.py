@@ -71,10 +71,22 @@ def health_url(topology: Topology) -> str:
     return f"{ui_url(topology)}/healthz"
 
 
+def sampler_env(topology: Topology) -> dict[str, str]:
+    """The SDK's sampler for the topology's ``tracing.sample_percent``: a call that comes
+    with a ``traceparent`` (through a sidecar) keeps its sampled flag, and a call that
+    reaches a service directly is traced at the topology's rate, as at the proxies."""
+    return {
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": repr(topology.trace_sample_percent / 100),
+    }
+
+
 def service_env(topology: Topology) -> dict[str, str]:
-    """The standard OTEL_* variables every service gets: export to the collector, and
-    send spans every 250 ms (the SDK's default 5 s makes a fresh trace look missing)."""
+    """The standard OTEL_* variables every service gets: export to the collector, send
+    spans every 250 ms (the SDK's default 5 s makes a fresh trace look missing), and the
+    topology's sampling."""
     return {
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector_endpoint(topology),
         "OTEL_BSP_SCHEDULE_DELAY": "250",
+        **sampler_env(topology),
     }

@@ -14,7 +14,12 @@ a value it cannot honour:
 * ``OTEL_TRACES_EXPORTER``: ``otlp`` (default) or ``none``.
 * ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``: override the resource this module
   fills from the service's own configuration (service name, region, zone, instance id).
-* ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``, ``OTEL_PROPAGATORS``: read by the SDK itself.
+* ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``: one of the spec's samplers
+  (``SAMPLERS``); the ratio ones take a rate from 0 to 1. The local deployment and the
+  Kubernetes manifests set ``parentbased_traceidratio`` at the topology's
+  ``tracing.sample_percent``: a call that comes through a sidecar keeps the proxy's
+  decision, a call that reaches the service directly is sampled at the same rate.
+* ``OTEL_BSP_*``, ``OTEL_PROPAGATORS``: read by the SDK itself.
 
 Spans carry no secret: the gRPC instrumentation records the method, peer and status,
 never metadata (so never the ``authorization`` header); database spans carry a summary
@@ -43,7 +48,7 @@ from opentelemetry.instrumentation.grpc import (
     server_interceptor,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event
@@ -76,12 +81,29 @@ SERVER_ERRORS = frozenset(
 )
 
 
+# The spec's OTEL_TRACES_SAMPLER values; the ratio samplers take OTEL_TRACES_SAMPLER_ARG.
+SAMPLERS: dict[str, Callable[[float], sampling.Sampler]] = {
+    "always_on": lambda _rate: sampling.ALWAYS_ON,
+    "always_off": lambda _rate: sampling.ALWAYS_OFF,
+    "traceidratio": sampling.TraceIdRatioBased,
+    "parentbased_always_on": lambda _rate: sampling.ParentBased(sampling.ALWAYS_ON),
+    "parentbased_always_off": lambda _rate: sampling.ParentBased(sampling.ALWAYS_OFF),
+    "parentbased_traceidratio": sampling.ParentBasedTraceIdRatio,
+}
+DEFAULT_SAMPLER = "parentbased_always_on"  # the spec's default
+
+
 @dataclass(frozen=True)
 class TracingConfig:
     """What ``OTEL_*`` asks for, validated."""
 
     enabled: bool
     endpoint: str | None
+    sampler: str = DEFAULT_SAMPLER
+    sample_rate: float = 1.0
+
+    def build_sampler(self) -> sampling.Sampler:
+        return SAMPLERS[self.sampler](self.sample_rate)
 
     @property
     def exporting(self) -> bool:
@@ -119,11 +141,26 @@ def load_config(env: Mapping[str, str]) -> TracingConfig:
             problems.append(
                 f"{name}={endpoint!r} must be http(s)://host:port (http = plaintext, https = TLS)"
             )
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or DEFAULT_SAMPLER
+    if sampler not in SAMPLERS:
+        problems.append(f"OTEL_TRACES_SAMPLER={sampler!r} is not supported ({', '.join(SAMPLERS)})")
+    rate = 1.0
+    raw_rate = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if raw_rate and sampler.endswith("traceidratio"):
+        try:
+            rate = float(raw_rate)
+        except ValueError:
+            rate = -1.0
+        if not 0.0 <= rate <= 1.0:
+            problems.append(f"OTEL_TRACES_SAMPLER_ARG={raw_rate!r} must be a rate from 0 to 1")
     if problems:
         raise ConfigError("invalid tracing configuration:\n  " + "\n  ".join(problems))
     enabled = disabled not in TRUE_VALUES
     return TracingConfig(
-        enabled=enabled, endpoint=endpoint if endpoint and exporter == "otlp" else None
+        enabled=enabled,
+        endpoint=endpoint if endpoint and exporter == "otlp" else None,
+        sampler=sampler,
+        sample_rate=rate,
     )
 
 
@@ -174,7 +211,7 @@ def build_provider(
     if not config.enabled:
         return None
     res = resource(env, service=service, region=region, zone=zone, instance_id=instance_id)
-    provider = TracerProvider(resource=res)
+    provider = TracerProvider(resource=res, sampler=config.build_sampler())
     provider.add_span_processor(IdentityOnSpans(res))
     if config.exporting:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -444,6 +481,9 @@ def instrument_engine(engine: Engine, tracer_provider: trace.TracerProvider | No
     ) -> None:
         if context is None:
             return
+        current = trace.get_current_span()
+        if current.get_span_context().is_valid and not current.is_recording():
+            return  # inside a call that is not sampled: its statements are not either
         operation, summary = summarize(statement)
         attributes = dict(base)
         if operation:

@@ -1,4 +1,5 @@
-"""One REST transfer through the global entry is one trace in the tracing UI.
+"""One REST transfer through the global entry is one trace in the tracing UI; one that
+the first hop did not sample leaves nothing anywhere.
 
 The trace is read back from Phoenix's HTTP API (what an SRE's tooling would do), not
 from an in-process exporter: global entry -> edge -> sidecar -> transfer service ->
@@ -21,13 +22,18 @@ POLL_SECONDS = 45.0
 
 
 def http(
-    url: str, body: dict[str, Any] | None = None, token: str = ""
+    url: str,
+    body: dict[str, Any] | None = None,
+    token: str = "",
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], Any]:
-
+    sent = dict(headers or {})
+    if token:
+        sent["authorization"] = f"Bearer {token}"
     request = urllib.request.Request(  # noqa: S310 - loopback URL built by the test
         url,
         data=json.dumps(body).encode() if body is not None else None,
-        headers={"authorization": f"Bearer {token}"} if token else {},
+        headers=sent,
         method="POST" if body is not None else "GET",
     )
     try:
@@ -93,6 +99,8 @@ def test_a_rest_transfer_is_one_trace_across_every_hop(deployment: Deployment) -
     )
     assert code == 200, login
     token = login["accessToken"]
+    # Head sampling (topology tracing.sample_percent) would trace this call only
+    # sometimes; a client asks for its trace with x-client-trace-id (the runbook's way).
     request_id = f"trace-e2e-{uuid.uuid4().hex[:12]}"
     code, headers, created = http(
         f"{base}/v1/transfers",
@@ -104,6 +112,7 @@ def test_a_rest_transfer_is_one_trace_across_every_hop(deployment: Deployment) -
             "currencyCode": "USD",
         },
         token,
+        {"x-client-trace-id": request_id},
     )
     assert code == 200, created
     transfer_id = created["transfer"]["transferId"]
@@ -173,3 +182,50 @@ def test_a_rest_transfer_is_one_trace_across_every_hop(deployment: Deployment) -
     assert not [n for n in names if "Health" in n or "healthz" in n]
     urls = {str(attr(s, "http.url")) for s in everything}
     assert not [u for u in urls if "/healthz" in u or "grpc.health" in u]
+
+
+def test_a_call_the_first_hop_did_not_sample_leaves_no_span_anywhere(
+    deployment: Deployment,
+) -> None:
+    """A caller's unsampled traceparent is honoured by every proxy and service: the
+    decision of the first hop holds for the whole path (a trace is whole or absent)."""
+    endpoints = deployment.status()["endpoints"]
+    ui, base = endpoints["tracing_ui"], f"https://{endpoints['global_rest']}"
+    secret = deployment.secrets
+    code, _, login = http(
+        f"{base}/v1/auth:login", {"username": "demo", "password": secret["demo_password"]}
+    )
+    assert code == 200, login
+    token = login["accessToken"]
+    transfer = {
+        "sourceAccountId": secret["demo_checking"],
+        "destinationAccountId": secret["demo_savings"],
+        "amountMinor": "1",
+        "currencyCode": "USD",
+    }
+    unsampled = uuid.uuid4().hex
+    code, headers, created = http(
+        f"{base}/v1/transfers",
+        {**transfer, "requestId": f"unsampled-{unsampled[:12]}"},
+        token,
+        {"traceparent": f"00-{unsampled}-{uuid.uuid4().hex[:16]}-00"},
+    )
+    assert code == 200, created
+    assert {k.lower(): v for k, v in headers.items()}["x-meshbank-trace-id"] == unsampled
+    # A forced call after it: once its trace is in the UI, every process on the path
+    # has flushed what it held from before.
+    forced = f"forced-{uuid.uuid4().hex[:12]}"
+    code, headers, created = http(
+        f"{base}/v1/transfers",
+        {**transfer, "requestId": forced},
+        token,
+        {"x-client-trace-id": forced},
+    )
+    assert code == 200, created
+    trace_id = {k.lower(): v for k, v in headers.items()}["x-meshbank-trace-id"]
+
+    def reached_the_database(spans: list[dict[str, Any]]) -> bool:
+        return any(s["name"] == "COMMIT" for s in spans)
+
+    wait_for_trace(ui, trace_id, reached_the_database)
+    assert phoenix_spans(ui, trace_id=unsampled) == []

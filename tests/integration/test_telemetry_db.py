@@ -73,3 +73,24 @@ def test_a_failed_statement_records_its_sqlstate_only(
     assert attributes["db.response.status_code"] == "22012"  # division_by_zero
     assert attributes["error.type"] == "DivisionByZero"
     assert "division" not in (span.status.description or "")
+
+
+def test_statements_of_a_call_that_is_not_sampled_make_no_span(
+    traced: tuple[Engine, TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A call that came in with an unsampled traceparent: nothing of it is recorded."""
+    engine, _, exporter = traced
+    unsampled = trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736,
+            span_id=0x00F067AA0BA902B7,
+            is_remote=True,
+            trace_flags=trace.TraceFlags(0),
+        )
+    )
+    with trace.use_span(unsampled):
+        run_transaction(engine, lambda conn: conn.execute(sa.text("SELECT 1")).scalar_one())
+    assert exporter.get_finished_spans() == ()
+    # Outside any call (migrations, seeding) statements are still traced.
+    run_transaction(engine, lambda conn: conn.execute(sa.text("SELECT 1")).scalar_one())
+    assert [s.name for s in exporter.get_finished_spans()] == ["SELECT", "COMMIT"]

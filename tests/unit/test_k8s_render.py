@@ -22,6 +22,7 @@ from mesh.k8s_envoy import POD
 from regions import k8s, topology
 from regions.k8s_settings import image_problem
 from services import cli
+from services.common import telemetry
 
 Manifest = dict[str, Any]
 DEFAULT: dict[str, Any] = yaml.safe_load(topology.DEFAULT_TOPOLOGY.read_text())
@@ -299,6 +300,21 @@ def test_secrets_are_referenced_never_written(
             if "secret" in volume:
                 referenced.setdefault(ns, set()).add(volume["secret"]["secretName"])
     assert {ns: sorted(s) for ns, s in referenced.items()} == k8s.required_secrets(topo)
+
+
+def test_services_export_their_spans_sampled_like_the_proxies(
+    topo: topology.Topology, files: dict[str, dict[str, list[Manifest]]]
+) -> None:
+    assert topo.kubernetes is not None
+    for _, deployment in of_kind(files, "Deployment"):
+        if deployment["metadata"]["name"] == "edge":
+            continue
+        (service,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {v["name"]: v.get("value") for v in service["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://{topo.kubernetes.trace_collector}"
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+        assert float(env["OTEL_TRACES_SAMPLER_ARG"]) == topo.trace_sample_percent / 100
+        telemetry.load_config(env)  # what the service validates at start
 
 
 def test_service_is_reachable_only_through_its_sidecar(

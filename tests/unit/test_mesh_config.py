@@ -216,6 +216,10 @@ def test_every_proxy_traces_and_leaves_health_checks_out(
         )
         tags = {t["tag"] for t in hcm["tracing"]["custom_tags"]}
         assert "meshbank.proxy" in tags
+        # Head sampling at the topology's rate; x-client-trace-id always traced
+        # (client_sampling left at Envoy's 100%).
+        assert hcm["tracing"]["random_sampling"] == {"value": topology.load().trace_sample_percent}
+        assert "client_sampling" not in hcm["tracing"]
         routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
         # Every route that reaches a method names its span.
         for route in routes:
@@ -230,6 +234,26 @@ def test_every_proxy_traces_and_leaves_health_checks_out(
     assert endpoint["address"]["socket_address"]["port_value"] == (
         topology.load().tracing_otlp_port
     )
+
+
+def test_the_sample_rate_comes_from_the_topology() -> None:
+    t = dataclasses.replace(topology.load(), trace_sample_percent=2.5)
+    instance = next(i for i in t.instances() if i.service == "transfer")
+    for config in (
+        envoy.global_entry(t, PATHS),
+        envoy.edge(t, "us-east", PATHS),
+        envoy.sidecar(t, instance, PATHS),
+    ):
+        rates = [
+            f["typed_config"]["tracing"]["random_sampling"]
+            for listener in config["static_resources"]["listeners"]
+            for chain in listener["filter_chains"]
+            for f in chain["filters"]
+            if f["name"] == "envoy.filters.network.http_connection_manager"
+            and "tracing" in f["typed_config"]
+        ]
+        assert rates
+        assert rates == [{"value": 2.5}] * len(rates)
 
 
 # -- the partner edge: tokens, quotas, limits (mesh/edge_policy.py) ------------------------

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -76,12 +76,32 @@ def test_disabling(env: dict[str, str], exporting: bool, enabled: bool) -> None:
         ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
         ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
         ({"OTEL_SDK_DISABLED": "yes"}, "OTEL_SDK_DISABLED"),
+        ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, "OTEL_TRACES_SAMPLER="),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "10%"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "10"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
     ],
 )
 def test_bad_configuration_names_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match="invalid tracing configuration") as caught:
         telemetry.load_config(env)
     assert named in str(caught.value)
+
+
+def test_the_sampler_comes_from_the_environment() -> None:
+    env = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    provider = telemetry.build_provider(env, service="s")
+    assert provider is not None
+    assert isinstance(provider.sampler, sampling.ParentBasedTraceIdRatio)
+    assert "0.25" in provider.sampler.get_description()
+    default = telemetry.build_provider({}, service="s")
+    assert default is not None
+    assert default.sampler.get_description() == sampling.DEFAULT_ON.get_description()
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -325,3 +345,21 @@ def test_the_server_joins_a_trace_that_came_in_on_traceparent(
     assert server.parent is not None
     assert format(server.context.trace_id, "032x") == trace_id
     assert format(server.parent.span_id, "016x") == parent
+
+
+def test_the_server_follows_an_unsampled_traceparent(
+    spans: tuple[TracerProvider, InMemorySpanExporter], address: str
+) -> None:
+    """The first proxy decided not to sample: the service records nothing of the call."""
+    _, exporter = spans
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with grpc.insecure_channel(address) as channel:
+        transfer_pb2_grpc.TransferServiceStub(channel).CreateTransfer(
+            transfer_pb2.CreateTransferRequest(request_id="unsampled"),
+            metadata=(
+                ("authorization", f"Bearer {TOKEN}"),
+                ("traceparent", f"00-{trace_id}-{parent}-00"),
+            ),
+            timeout=10,
+        )
+    assert exporter.get_finished_spans() == ()

@@ -127,3 +127,29 @@ def test_the_edge_section_sets_quotas_and_limits() -> None:
 def test_a_bad_edge_section_is_refused_with_its_name(edge: object, problem: str) -> None:
     with pytest.raises(topology.TopologyError, match=re.escape(problem)):
         topology.parse(_with_edge(edge))
+
+
+def test_the_tracing_section_sets_the_sample_rate() -> None:
+    assert topology.parse(DEFAULT).trace_sample_percent == 10.0
+    assert topology.parse(with_change("tracing.sample_percent", 0.5)).trace_sample_percent == 0.5
+    assert topology.parse(with_change("tracing", None)).trace_sample_percent == (
+        topology.DEFAULT_TRACE_SAMPLE_PERCENT
+    )
+    t = topology.parse(with_change("tracing.sample_percent", 100))
+    assert topology.with_port_base(t, 40000).trace_sample_percent == 100.0
+
+
+@pytest.mark.parametrize(
+    ("tracing", "problem"),
+    [
+        ({"sample_percent": 101}, "tracing.sample_percent: must be a number from 0 to 100"),
+        ({"sample_percent": -1}, "tracing.sample_percent"),
+        ({"sample_percent": "10%"}, "tracing.sample_percent"),
+        ({"sample_percent": True}, "tracing.sample_percent"),
+        ({"sample_rate": 0.1}, "tracing: unknown keys ['sample_rate']"),
+        ("all", "tracing: must be a mapping"),
+    ],
+)
+def test_a_bad_tracing_section_is_refused_with_its_name(tracing: object, problem: str) -> None:
+    with pytest.raises(topology.TopologyError, match=re.escape(problem)):
+        topology.parse(with_change("tracing", tracing))
