@@ -22,10 +22,10 @@ and each parameter becomes a literal of the same type:
 The statements, their order, the tables, the locks (``SELECT ... FOR UPDATE`` in
 account-id order) and the SERIALIZABLE isolation are the service's. Differences, all
 in the service's disfavour or neutral: pgbench uses the simple query protocol with
-literals (psycopg binds parameters and prepares repeated statements), the two ledger
-entries go in one multi-row INSERT (psycopg pipelines its executemany into one round
-trip too), and pgbench talks to the primary directly while the service goes through its
-sidecar's database proxy.
+literals (psycopg binds parameters and prepares repeated statements), the two account
+UPDATEs, which psycopg pipelines into one round trip, are one compound pgbench command
+(joined by ``\\;``, one round trip too), and pgbench talks to the primary directly while
+the service goes through its sidecar's database proxy.
 """
 
 from __future__ import annotations
@@ -152,16 +152,27 @@ def _literal(value: Any, rec: Recording, pair: tuple[uuid.UUID, uuid.UUID]) -> s
 
 def _render(statement: Statement, rec: Recording, pair: tuple[uuid.UUID, uuid.UUID]) -> str:
     text = " ".join(statement.sql.split())
-    if statement.executemany:
+    if not statement.executemany:
+        return _render_one(text, statement.parameters or {}, rec, pair)
+    if text.startswith("INSERT"):
         # One multi-row INSERT for the rows psycopg pipelines in one round trip.
         head, sep, values = text.partition(" VALUES ")
-        if not sep or not text.startswith("INSERT"):
-            raise ScriptError(f"an executemany that is not an INSERT: {text}")
+        if not sep:
+            raise ScriptError(f"an executemany INSERT without VALUES: {text}")
         rows = [
             values % {k: _literal(v, rec, pair) for k, v in p.items()} for p in statement.parameters
         ]
         return f"{head} VALUES {', '.join(rows)}"
-    params: Mapping[str, Any] = statement.parameters or {}
+    if text.startswith("UPDATE"):
+        # psycopg pipelines the UPDATEs into one round trip; pgbench sends commands
+        # joined by "\;" as one query, one round trip too.
+        return " \\; ".join(_render_one(text, p, rec, pair) for p in statement.parameters)
+    raise ScriptError(f"an executemany that is neither an INSERT nor an UPDATE: {text}")
+
+
+def _render_one(
+    text: str, params: Mapping[str, Any], rec: Recording, pair: tuple[uuid.UUID, uuid.UUID]
+) -> str:
     if text.startswith("UPDATE accounts SET balance_minor="):
         # Which account this UPDATE writes: debit the source, credit the destination.
         account = next(v for v in params.values() if v in (rec.source, rec.destination))

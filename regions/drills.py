@@ -85,6 +85,9 @@ class DrillResult:
     old_leader_primary_until_s: float | None = None
     new_leader_after_s: float | None = None
     primaries_overlap: bool = False
+    # When the new leader first named a synchronous standby again: until then its
+    # commits are on one region only (non-strict synchronous_mode accepts them).
+    sync_standby_after_s: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -97,7 +100,7 @@ class DrillResult:
         data = asdict(self)
         for key in ("write_outage_s", "read_outage_s", "fault_at_s", "fault_lifted_at_s"):
             data[key] = round(data[key], 3) if data[key] != float("inf") else None
-        for key in ("old_leader_primary_until_s", "new_leader_after_s"):
+        for key in ("old_leader_primary_until_s", "new_leader_after_s", "sync_standby_after_s"):
             data[key] = None if data[key] is None else round(data[key], 3)
         return data
 
@@ -266,6 +269,8 @@ class LeaderWatch:
         self.fault_at = fault_at
         self.old_primary_until: float | None = None
         self.new_leader_after: float | None = None
+        self.new_leader: str | None = None
+        self.sync_after: float | None = None
         self.overlap = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -285,8 +290,15 @@ class LeaderWatch:
             ]
             if self.old_leader in primaries and self.new_leader_after is None:
                 self.old_primary_until = now
-            if any(r != self.old_leader for r in primaries) and self.new_leader_after is None:
-                self.new_leader_after = now
+            others = [r for r in primaries if r != self.old_leader]
+            if others and self.new_leader_after is None:
+                self.new_leader_after, self.new_leader = now, others[0]
+            if (
+                self.new_leader is not None
+                and self.sync_after is None
+                and replication.has_sync_standby(self.topology, self.new_leader)
+            ):
+                self.sync_after = time.monotonic() - self.fault_at
             self.overlap = self.overlap or len(primaries) > 1
             self._stop.wait(0.25)
 
@@ -411,7 +423,6 @@ def run(
         time.sleep(0.5)
     time.sleep(settle)
     workload.stop()
-    watch.stop()
     end = time.monotonic()
 
     restored = False
@@ -420,6 +431,7 @@ def run(
             restored = True
             break
         time.sleep(0.5)
+    watch.stop()  # after the restore: the synchronous standby may come back late
     lost, duplicated, conserved, notes = _audit(
         local.primary_url(state, topology), accounts, workload
     )
@@ -457,6 +469,7 @@ def run(
         old_leader_primary_until_s=watch.old_primary_until,
         new_leader_after_s=watch.new_leader_after,
         primaries_overlap=watch.overlap,
+        sync_standby_after_s=watch.sync_after,
         notes=notes,
     )
 

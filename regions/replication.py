@@ -273,6 +273,17 @@ def replication_healthy(topology: Topology) -> bool:
     return len(leaders) == 1 and len(sync) >= 1 and streaming and lag_zero
 
 
+def has_sync_standby(topology: Topology, leader: str) -> bool:
+    """``leader`` is the primary and names a synchronous standby (Patroni's ``/cluster``
+    from the leader itself): its commits wait for a second region again."""
+    port, host = topology.patroni_port(leader), topology.host_of(leader)
+    code, body = patroni_get(port, "/cluster", host=host)
+    if code != 200 or not isinstance(body, dict):
+        return False
+    roles = {m.get("name"): m.get("role") for m in body.get("members", [])}
+    return roles.get(leader) == "leader" and "sync_standby" in roles.values()
+
+
 def postmaster_pid(member_dir: Path) -> int | None:
     try:
         return int((member_dir / "data" / "postmaster.pid").read_text().split()[0])

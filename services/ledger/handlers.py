@@ -321,8 +321,7 @@ class LedgerService:
                     entry_ids=(self._new_id(), self._new_id()),
                 )
                 uow.transfers.add(posting.transfer)
-                uow.accounts.save(posting.source)
-                uow.accounts.save(posting.destination)
+                uow.accounts.save(posting.source, posting.destination)
                 return encode(posting.transfer)
 
             return self._idempotent(uow, principal, key, effect)

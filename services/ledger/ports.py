@@ -37,8 +37,8 @@ class AccountRepository(Protocol):
 
     def add(self, account: Account) -> None: ...
 
-    def save(self, account: Account) -> None:
-        """Persist a changed balance or state."""
+    def save(self, *accounts: Account) -> None:
+        """Persist changed balances or states (all of them in one round trip)."""
         ...
 
     def list_by_owner(self, owner: str, after: Cursor | None, limit: int) -> list[Account]:
@@ -50,7 +50,7 @@ class AccountRepository(Protocol):
 
 class TransferRepository(Protocol):
     def add(self, transfer: Transfer) -> None:
-        """Insert the transfer and its entries."""
+        """Insert the transfer and its entries (one statement)."""
         ...
 
     def get(self, transfer_id: uuid.UUID) -> Transfer | None: ...

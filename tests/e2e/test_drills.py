@@ -25,6 +25,10 @@ def test_drill_loses_and_duplicates_nothing(deployment: Deployment, drill: str) 
     assert result["conserved"] is True
     assert result["replication_restored"] is True
     assert result["leader_after"] is not None
+    if result["new_leader_after_s"] is not None:
+        # The new leader named a synchronous standby again, after it became the leader.
+        assert result["sync_standby_after_s"] is not None
+        assert result["sync_standby_after_s"] >= result["new_leader_after_s"]
     assert out.returncode == 0, out.stderr
     status = deployment.status()
     assert all(p["healthy"] for p in status["processes"]), [

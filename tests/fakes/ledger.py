@@ -37,9 +37,10 @@ class FakeAccounts:
         assert account.account_id not in self._s.accounts
         self._s.accounts[account.account_id] = account
 
-    def save(self, account: Account) -> None:
-        assert account.account_id in self._s.accounts
-        self._s.accounts[account.account_id] = account
+    def save(self, *accounts: Account) -> None:
+        for account in accounts:
+            assert account.account_id in self._s.accounts
+            self._s.accounts[account.account_id] = account
 
     def list_by_owner(self, owner: str, after: Cursor | None, limit: int) -> list[Account]:
         rows = sorted(

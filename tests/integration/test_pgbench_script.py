@@ -42,19 +42,23 @@ def test_the_recorded_transaction_replays_under_pgbench(
     recording = pgbench_script.record_transfer(
         engine, caller.name, pairs[0][0], pairs[0][1], request_id=stack.unique("recorded-")
     )
-    kinds = [" ".join(s.sql.split()).split(" ")[:3] for s in recording.statements]
-    # The service's transaction: idempotency lookup, locks, the posting, the stored reply.
-    assert kinds[0][:1] == ["SELECT"]
-    assert any(k[:3] == ["INSERT", "INTO", "transfers"] for k in kinds)
-    assert any(k[:3] == ["INSERT", "INTO", "ledger_entries"] for k in kinds)
-    assert sum(1 for k in kinds if k[:2] == ["UPDATE", "accounts"]) == 2
-    assert kinds[-1][:3] == ["INSERT", "INTO", "idempotency_keys"]
-    assert any("FOR UPDATE" in s.sql for s in recording.statements)
+    texts = [" ".join(s.sql.split()) for s in recording.statements]
+    # The service's transaction, one round trip each: the locks, the transfer with its
+    # entries, the two balances (one pipelined executemany), the stored reply.
+    assert len(texts) == 4, texts
+    assert texts[0].startswith("SELECT") and texts[0].endswith("FOR UPDATE")
+    assert texts[1].startswith("WITH new_transfer AS (INSERT INTO transfers")
+    assert " INSERT INTO ledger_entries " in texts[1]
+    assert texts[2].startswith("UPDATE accounts")
+    assert recording.statements[2].executemany
+    assert len(recording.statements[2].parameters) == 2
+    assert texts[3].startswith("INSERT INTO idempotency_keys")
 
     scripts = pgbench_script.scripts(recording, pairs)
     assert len(scripts) == 3
     assert str(pairs[1][0]) in scripts[1]
     assert "BEGIN ISOLATION LEVEL SERIALIZABLE;" in scripts[0]
+    assert scripts[0].count(" \\; ") == 1  # the two UPDATEs, one compound command
     files = []
     for n, text in enumerate(scripts):
         (tmp_path / f"s{n}.sql").write_text(text)
