@@ -54,9 +54,12 @@ UNSAFE_RETRY_ON = "connect-failure,refused-stream"
 TRACING_CLUSTER = "opentelemetry_collector"
 # The tracer holds spans 5 s or until 5 have ended by default (DESIGN.md): a trace would
 # reach the UI seconds after the call, and a proxy that is killed loses what it held.
+# Every 250 ms, then, in one OTLP request per batch: exporting each span on its own
+# (min_flush_spans 1) made the collector take one request per span, and the tracing UI
+# cost a third of the transfer throughput even at 10% sampling (docs/benchmarks.md).
 TRACING_RUNTIME = {
     "tracing.opentelemetry.flush_interval_ms": 250,
-    "tracing.opentelemetry.min_flush_spans": 1,
+    "tracing.opentelemetry.min_flush_spans": 256,
 }
 # Health checks are not traced: the proxies' own probes every second would bury the
 # requests' traces (the services skip grpc.health.v1.Health on their side too).

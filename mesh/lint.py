@@ -151,8 +151,11 @@ def lint_tracing(config: dict[str, Any]) -> list[str]:
             "tracing: set runtime tracing.opentelemetry.flush_interval_ms (default 5 s "
             "delays every span)"
         )
-    if runtime.get("tracing.opentelemetry.min_flush_spans", 5) > 1:
-        problems.append("tracing: set runtime tracing.opentelemetry.min_flush_spans to 1")
+    if "tracing.opentelemetry.min_flush_spans" not in runtime:
+        problems.append(
+            "tracing: set runtime tracing.opentelemetry.min_flush_spans (the export batch; "
+            "the interval above bounds how long a span waits)"
+        )
     clusters = {c.get("name") for c in config.get("static_resources", {}).get("clusters", [])}
     for provider in providers:
         grpc_service = provider.get("typed_config", {}).get("grpc_service", {})

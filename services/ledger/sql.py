@@ -68,6 +68,7 @@ def _insert_transfer(entry_count: int) -> sa.Insert:
     ]
     return ledger_entries.insert().values(rows).add_cte(transfer)
 
+
 _ADD_KEY = (
     pg_insert(idempotency_keys)
     .on_conflict_do_nothing(index_elements=["principal", "request_id"])

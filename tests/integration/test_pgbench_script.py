@@ -46,7 +46,8 @@ def test_the_recorded_transaction_replays_under_pgbench(
     # The service's transaction, one round trip each: the locks, the transfer with its
     # entries, the two balances (one pipelined executemany), the stored reply.
     assert len(texts) == 4, texts
-    assert texts[0].startswith("SELECT") and texts[0].endswith("FOR UPDATE")
+    assert texts[0].startswith("SELECT")
+    assert texts[0].endswith("FOR UPDATE")
     assert texts[1].startswith("WITH new_transfer AS (INSERT INTO transfers")
     assert " INSERT INTO ledger_entries " in texts[1]
     assert texts[2].startswith("UPDATE accounts")
