@@ -58,7 +58,7 @@ def _insert_transfer(entry_count: int) -> sa.Insert:
         .values({c: sa.bindparam(f"t_{c}") for c in _TRANSFER_COLUMNS})
         .cte("new_transfer")
     )
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "transfer_id": sa.bindparam("t_transfer_id"),
             "created_at": sa.bindparam("t_created_at"),

@@ -94,14 +94,18 @@ def test_bad_configuration_names_the_variable(env: dict[str, str], named: str) -
 
 
 def test_the_sampler_comes_from_the_environment() -> None:
+    def sampled(provider: TracerProvider | None, trace_id: int) -> bool:
+        assert provider is not None
+        result = provider.sampler.should_sample(None, trace_id, "CreateTransfer")
+        return result.decision.is_sampled()
+
+    low, high = 1, 2**64 - 1  # the ratio samplers compare the id's low 64 bits
     env = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
-    provider = telemetry.build_provider(env, service="s")
-    assert provider is not None
-    assert isinstance(provider.sampler, sampling.ParentBasedTraceIdRatio)
-    assert "0.25" in provider.sampler.get_description()
-    default = telemetry.build_provider({}, service="s")
-    assert default is not None
-    assert default.sampler.get_description() == sampling.DEFAULT_ON.get_description()
+    ratio = telemetry.build_provider(env, service="s")
+    assert isinstance(ratio.sampler if ratio else None, sampling.ParentBasedTraceIdRatio)
+    assert (sampled(ratio, low), sampled(ratio, high)) == (True, False)
+    default = telemetry.build_provider({}, service="s")  # the spec's parentbased_always_on
+    assert (sampled(default, low), sampled(default, high)) == (True, True)
 
 
 def test_every_problem_is_reported_at_once() -> None:
