@@ -97,7 +97,7 @@ def test_the_sampler_comes_from_the_environment() -> None:
     def sampled(provider: TracerProvider | None, trace_id: int) -> bool:
         assert provider is not None
         result = provider.sampler.should_sample(None, trace_id, "CreateTransfer")
-        return result.decision.is_sampled()
+        return result.decision is sampling.Decision.RECORD_AND_SAMPLE
 
     low, high = 1, 2**64 - 1  # the ratio samplers compare the id's low 64 bits
     env = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
