@@ -39,7 +39,11 @@ def call(url: str, ca: Path, body: dict[str, Any], token: str = "") -> tuple[dic
     request = urllib.request.Request(  # noqa: S310 - the deployment's own endpoint
         url,
         data=json.dumps(body).encode(),
-        headers={"authorization": f"Bearer {token}"} if token else {},
+        # x-client-trace-id: traced whatever the topology's sample rate.
+        headers={
+            "x-client-trace-id": uuid.uuid4().hex,
+            **({"authorization": f"Bearer {token}"} if token else {}),
+        },
         method="POST",
     )
     with public_client.urlopen(request, ca, timeout=30) as reply:
