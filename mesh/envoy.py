@@ -38,8 +38,10 @@ from regions.topology import Instance, Topology, edge_identity, service_identity
 Config = dict[str, Any]
 
 HC_INTERVAL = "1s"
-# How long a database health check waits for Patroni (see _database_cluster).
+# How long a database health check waits for Patroni, and how often each sidecar checks
+# each member (see _database_cluster).
 DB_HC_TIMEOUT = "2s"
+DB_HC_INTERVAL = "1s"
 TYPE_URL = "type.googleapis.com/"
 EXT = TYPE_URL + "envoy.extensions."
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -601,13 +603,19 @@ def _database_cluster(
     on a lost etcd member (emptying the cluster during failovers), and a plain TCP check
     passes for a SIGSTOPped PostgreSQL, whose kernel still accepts connections.
 
-    A check waits up to ``DB_HC_TIMEOUT`` for Patroni. Every sidecar checks every member
-    twice a second (about 70 requests a second per Patroni here, each running a query),
-    and under the benchmark's load a 1 s timeout ran out twice in a row often enough to
-    mark the leader unhealthy: the sidecar then closed every connection to it, and the
-    transactions on them failed (docs/benchmarks.md). A dead or demoted member still
-    fails at once (connection refused, 503); a paused one is marked down after two
-    timeouts, about 5 s, before Patroni's 6 s TTL lets another member take over.
+    A check waits up to ``DB_HC_TIMEOUT`` for Patroni. Under the benchmark's load a 1 s
+    timeout ran out twice in a row often enough to mark the leader unhealthy: the
+    sidecar then closed every connection to it, and the transactions on them failed
+    (docs/benchmarks.md). A dead or demoted member still fails at once (connection
+    refused, 503); a paused one is marked down after two timeouts, about 5 s, before
+    Patroni's 6 s TTL lets another member take over.
+
+    Every sidecar checks every member once a second (``DB_HC_INTERVAL``), about 36
+    requests a second per Patroni here, each a new connection, a thread and a query
+    (Patroni's REST API speaks HTTP/1.0). Twice a second, the idle deployment spent a
+    quarter of a core in Patroni alone, and its HA loop overran (``Loop time exceeded``)
+    so often that a new leader named its synchronous standby 8-13 s after the standby
+    was streaming. A new leader is found up to 0.5 s later than at twice a second.
     """
     localities: list[Config] = []
     for priority, other in enumerate(topology.region(region).preference):
@@ -638,8 +646,8 @@ def _database_cluster(
         "health_checks": [
             {
                 "timeout": DB_HC_TIMEOUT,
-                "interval": "0.5s",
-                "no_traffic_interval": "0.5s",
+                "interval": DB_HC_INTERVAL,
+                "no_traffic_interval": DB_HC_INTERVAL,
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
                 **check,

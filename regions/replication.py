@@ -136,12 +136,21 @@ def patroni_config(
                     "parameters": {
                         "wal_level": "replica",
                         "hot_standby": "on",
-                        "max_wal_senders": 10,
+                        # Patroni opens a replication connection to a replica's own
+                        # PostgreSQL for every REST request while the replica's timeline
+                        # differs from the leader's (right after a failover): at the
+                        # sidecars' health-check rate 10 walsenders ran out, the
+                        # replica's own timeline checks failed and it stopped following
+                        # the new leader, twice (docs/benchmarks.md, drills).
+                        "max_wal_senders": 64,
                         "max_replication_slots": 10,
                         "wal_log_hints": "on",
                         "max_connections": 400,
                         "wal_sender_timeout": "5s",
                         "wal_receiver_status_interval": "1s",
+                        # A standby that asked the new leader for its slot before the
+                        # leader created it retries in 1 s, not PostgreSQL's 5 s.
+                        "wal_retrieve_retry_interval": "1s",
                         "hot_standby_feedback": "on",
                     },
                 },
