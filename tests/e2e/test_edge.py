@@ -348,10 +348,24 @@ def test_a_burst_gets_429_with_retry_after(deployment: Deployment, topo: Topolog
 
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
+
+        def grpc_limited() -> bool:
+            return any(
+                c.done() and c.code() is grpc.StatusCode.RESOURCE_EXHAUSTED for c in list(calls)
+            )
+
+        # Until both sides have been refused: whichever is refused first waits for the
+        # other (REST alone can empty the bucket between two gRPC batches).
+        deadline = time.monotonic() + 120
         try:
             with ThreadPoolExecutor(max_workers=8) as pool:
-                while len(rest) < 10 * quota.burst and not any(r.status == 429 for r in rest):
-                    rest += pool.map(lambda _: answer_or_none(url, token), range(16))
+                while len(rest) < 10 * quota.burst and time.monotonic() < deadline:
+                    if not any(r.status == 429 for r in rest):
+                        rest += pool.map(lambda _: answer_or_none(url, token), range(16))
+                    elif grpc_limited():
+                        break
+                    else:
+                        time.sleep(0.1)
         finally:
             stop.set()
             drainer.join(30)
