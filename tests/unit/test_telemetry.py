@@ -329,21 +329,28 @@ def test_health_checks_are_not_traced(
     assert exporter.get_finished_spans() == ()
 
 
+def _call_under_traceparent(address: str, request_id: str, *, sampled: bool) -> tuple[str, str]:
+    """A call as Envoy makes it: a W3C traceparent, no client span of ours.
+    Returns the (trace id, parent span id) it carried."""
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with grpc.insecure_channel(address) as channel:
+        transfer_pb2_grpc.TransferServiceStub(channel).CreateTransfer(
+            transfer_pb2.CreateTransferRequest(request_id=request_id),
+            metadata=(
+                ("authorization", f"Bearer {TOKEN}"),
+                ("traceparent", f"00-{trace_id}-{parent}-{'01' if sampled else '00'}"),
+            ),
+            timeout=10,
+        )
+    return trace_id, parent
+
+
 def test_the_server_joins_a_trace_that_came_in_on_traceparent(
     spans: tuple[TracerProvider, InMemorySpanExporter], address: str
 ) -> None:
     """What Envoy sends: a W3C traceparent header, no client span of ours."""
     _, exporter = spans
-    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    with grpc.insecure_channel(address) as channel:
-        transfer_pb2_grpc.TransferServiceStub(channel).CreateTransfer(
-            transfer_pb2.CreateTransferRequest(request_id="from-envoy"),
-            metadata=(
-                ("authorization", f"Bearer {TOKEN}"),
-                ("traceparent", f"00-{trace_id}-{parent}-01"),
-            ),
-            timeout=10,
-        )
+    trace_id, parent = _call_under_traceparent(address, "from-envoy", sampled=True)
     server = _by_kind(exporter.get_finished_spans(), trace.SpanKind.SERVER)
     assert server.context is not None
     assert server.parent is not None
@@ -356,14 +363,5 @@ def test_the_server_follows_an_unsampled_traceparent(
 ) -> None:
     """The first proxy decided not to sample: the service records nothing of the call."""
     _, exporter = spans
-    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    with grpc.insecure_channel(address) as channel:
-        transfer_pb2_grpc.TransferServiceStub(channel).CreateTransfer(
-            transfer_pb2.CreateTransferRequest(request_id="unsampled"),
-            metadata=(
-                ("authorization", f"Bearer {TOKEN}"),
-                ("traceparent", f"00-{trace_id}-{parent}-00"),
-            ),
-            timeout=10,
-        )
+    _call_under_traceparent(address, "unsampled", sampled=False)
     assert exporter.get_finished_spans() == ()
