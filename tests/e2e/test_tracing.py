@@ -38,9 +38,13 @@ def http(
     )
     try:
         with urllib.request.urlopen(request, timeout=20) as reply:  # noqa: S310
-            return reply.status, dict(reply.headers), json.loads(reply.read())
+            return reply.status, _lower(reply.headers), json.loads(reply.read())
     except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), json.loads(err.read())
+        return err.code, _lower(err.headers), json.loads(err.read())
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
 
 
 def phoenix_spans(ui: str, **query: str) -> list[dict[str, Any]]:
@@ -116,7 +120,6 @@ def test_a_rest_transfer_is_one_trace_across_every_hop(deployment: Deployment) -
     )
     assert code == 200, created
     transfer_id = created["transfer"]["transferId"]
-    headers = {k.lower(): v for k, v in headers.items()}
     trace_id = headers["x-meshbank-trace-id"]  # the trace of this very request
     assert len(trace_id) == 32
     assert headers["x-request-id"]
@@ -192,11 +195,7 @@ def test_a_call_the_first_hop_did_not_sample_leaves_no_span_anywhere(
     endpoints = deployment.status()["endpoints"]
     ui, base = endpoints["tracing_ui"], f"https://{endpoints['global_rest']}"
     secret = deployment.secrets
-    code, _, login = http(
-        f"{base}/v1/auth:login", {"username": "demo", "password": secret["demo_password"]}
-    )
-    assert code == 200, login
-    token = login["accessToken"]
+    token = deployment.token()
     transfer = {
         "sourceAccountId": secret["demo_checking"],
         "destinationAccountId": secret["demo_savings"],
@@ -211,7 +210,7 @@ def test_a_call_the_first_hop_did_not_sample_leaves_no_span_anywhere(
         {"traceparent": f"00-{unsampled}-{uuid.uuid4().hex[:16]}-00"},
     )
     assert code == 200, created
-    assert {k.lower(): v for k, v in headers.items()}["x-meshbank-trace-id"] == unsampled
+    assert headers["x-meshbank-trace-id"] == unsampled
     # A forced call after it: once its trace is in the UI, every process on the path
     # has flushed what it held from before.
     forced = f"forced-{uuid.uuid4().hex[:12]}"
@@ -222,7 +221,7 @@ def test_a_call_the_first_hop_did_not_sample_leaves_no_span_anywhere(
         {"x-client-trace-id": forced},
     )
     assert code == 200, created
-    trace_id = {k.lower(): v for k, v in headers.items()}["x-meshbank-trace-id"]
+    trace_id = headers["x-meshbank-trace-id"]
 
     def reached_the_database(spans: list[dict[str, Any]]) -> bool:
         return any(s["name"] == "COMMIT" for s in spans)
