@@ -298,7 +298,7 @@ class LeaderWatch:
                 and self.sync_after is None
                 and replication.has_sync_standby(self.topology, self.new_leader)
             ):
-                self.sync_after = time.monotonic() - self.fault_at
+                self.sync_after = now
             self.overlap = self.overlap or len(primaries) > 1
             self._stop.wait(0.25)
 
