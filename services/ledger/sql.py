@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +46,6 @@ _TRANSFER_COLUMNS = (
 _ENTRY_COLUMNS = ("entry_id", "account_id", "amount_minor", "currency_code")
 
 
-@functools.lru_cache(maxsize=8)
 def _insert_transfer(entry_count: int) -> sa.Insert:
     """The transfer and its ``entry_count`` entries in one statement: the transfer's
     INSERT as a data-modifying CTE, the entries' INSERT under it (their foreign key is
@@ -67,6 +65,10 @@ def _insert_transfer(entry_count: int) -> sa.Insert:
         for i in range(entry_count)
     ]
     return ledger_entries.insert().values(rows).add_cte(transfer)
+
+
+# A transfer has exactly two entries (model.Transfer.entries: the debit and the credit).
+_INSERT_TRANSFER = _insert_transfer(2)
 
 
 _ADD_KEY = (
@@ -166,7 +168,7 @@ class SqlTransfers:
         params: dict[str, Any] = {f"t_{c}": getattr(transfer, c) for c in _TRANSFER_COLUMNS}
         for i, entry in enumerate(transfer.entries):
             params.update({f"e{i}_{c}": getattr(entry, c) for c in _ENTRY_COLUMNS})
-        self._conn.execute(_insert_transfer(len(transfer.entries)), params)
+        self._conn.execute(_INSERT_TRANSFER, params)
 
     def _hydrate(self, rows: Sequence[Any]) -> list[Transfer]:
         if not rows:
