@@ -193,6 +193,17 @@ def test_lint_catches_a_tracer_that_holds_or_loses_spans(
     assert any(message in p for p in lint.lint(config))
 
 
+def connection_managers(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The typed configs of every HTTP connection manager of every listener."""
+    return [
+        f["typed_config"]
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        if f["name"] == "envoy.filters.network.http_connection_manager"
+    ]
+
+
 @pytest.mark.parametrize(
     "name", ["global.yaml", "us-east-edge.yaml", "us-east-transfer-1-sidecar.yaml"]
 )
@@ -200,13 +211,7 @@ def test_every_proxy_traces_and_leaves_health_checks_out(
     configs: dict[str, dict[str, Any]], name: str
 ) -> None:
     config = configs[name]
-    managers = [
-        f["typed_config"]
-        for listener in config["static_resources"]["listeners"]
-        for chain in listener["filter_chains"]
-        for f in chain["filters"]
-        if f["name"] == "envoy.filters.network.http_connection_manager"
-    ]
+    managers = connection_managers(config)
     assert managers
     for hcm in managers:
         provider = hcm["tracing"]["provider"]
@@ -245,12 +250,9 @@ def test_the_sample_rate_comes_from_the_topology() -> None:
         envoy.sidecar(t, instance, PATHS),
     ):
         rates = [
-            f["typed_config"]["tracing"]["random_sampling"]
-            for listener in config["static_resources"]["listeners"]
-            for chain in listener["filter_chains"]
-            for f in chain["filters"]
-            if f["name"] == "envoy.filters.network.http_connection_manager"
-            and "tracing" in f["typed_config"]
+            hcm["tracing"]["random_sampling"]
+            for hcm in connection_managers(config)
+            if "tracing" in hcm
         ]
         assert rates
         assert rates == [{"value": 2.5}] * len(rates)
