@@ -97,10 +97,13 @@ def test_serve_shuts_down_gracefully_on_sigterm(database_url: str, tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    # The port is free again: nothing was left holding it.
+    # The port is free again: nothing was left holding it. SO_REUSEADDR: the server's
+    # side of a connection it closed may sit in TIME_WAIT on this port, which fails a
+    # plain bind though no process holds the port; a listener still fails it.
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
 
 
