@@ -35,8 +35,13 @@ def patroni_venv() -> Path:
     return Path(os.environ.get("MESHBANK_PATRONI_VENV", "/opt/meshbank/patroni-venv"))
 
 
-def patroni_binary() -> str:
-    return str(patroni_venv() / "bin" / "patroni")
+def patroni_python() -> str:
+    return str(patroni_venv() / "bin" / "python3")
+
+
+# Run by Patroni's interpreter instead of its ``patroni`` script: Patroni 3.1.2 with the
+# upstream cache of ``postgres --describe-config`` backported (see the module).
+LAUNCHER = Path(__file__).with_name("patroni_launch.py")
 
 
 def etcd_binary() -> str:
@@ -190,23 +195,38 @@ def member_config_path(db_dir: Path, region: str) -> Path:
     return db_dir / region / "patroni.yaml"
 
 
+def member_launcher_path(db_dir: Path, region: str) -> Path:
+    return db_dir / region / LAUNCHER.name
+
+
 def write_member_config(
     topology: Topology, region: str, db_dir: Path, secret: Mapping[str, str]
 ) -> None:
-    """Write a member's Patroni config (regenerated from the topology on every start)."""
+    """Write a member's Patroni config and launcher (regenerated on every start).
+
+    The launcher is copied because the postgres user may not read the checkout.
+    """
     member_dir = db_dir / region
     member_dir.mkdir(parents=True, exist_ok=True)
     member_dir.chmod(0o700)
     chown_to_postgres(member_dir)
     config = member_config_path(db_dir, region)
     config.write_text(yaml.safe_dump(patroni_config(topology, region, member_dir, secret)))
-    config.chmod(0o600)
-    chown_to_postgres(config)
+    launcher = member_launcher_path(db_dir, region)
+    launcher.write_text(LAUNCHER.read_text())
+    for path in (config, launcher):
+        path.chmod(0o600)
+        chown_to_postgres(path)
 
 
 def patroni_argv(db_dir: Path, region: str) -> list[str]:
     """The command that runs a member (as the postgres user when we are root)."""
-    return [*run_as_postgres(), patroni_binary(), str(member_config_path(db_dir, region))]
+    return [
+        *run_as_postgres(),
+        patroni_python(),
+        str(member_launcher_path(db_dir, region)),
+        str(member_config_path(db_dir, region)),
+    ]
 
 
 def patroni_get(
