@@ -48,7 +48,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ import grpc
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from regions import cockroach, migrate, netns, replication, tracing
+from regions import cockroach, etcd_placement, migrate, netns, replication, tracing
 from regions import prometheus as prom
 from regions import topology as topo
 from regions.standby_guard import StandbyGuard
@@ -404,6 +404,8 @@ class Supervisor:
         self._stop = threading.Event()
         self._standby_guard = StandbyGuard()
         self._guard_checked = 0.0
+        self._etcd_placement: Future[str | None] | None = None
+        self._etcd_next_check = 0.0
 
     # -- the process plan --------------------------------------------------------------
 
@@ -707,6 +709,7 @@ class Supervisor:
                     child.poll(held=child.role in held.get(child.region, []))
                 self._check_health()
                 self._guard_standbys()
+                self._place_etcd_leader()
                 healthy = self._write_status(phase="running" if seeded else "seeding")
                 if not seeded and healthy:
                     seeded = self._seed(seed_deadline)
@@ -784,6 +787,30 @@ class Supervisor:
                 if child.region == region and child.role == "db":
                     # In the pool: Patroni stops PostgreSQL first, which can take seconds.
                     self._pool.submit(child.stop, 30.0)
+
+    def _place_etcd_leader(self, every: float = 2.0) -> None:
+        """Keep etcd's raft leader out of the database leader's region (etcd_placement),
+        in the pool: a hand-over can take a second, the loop must not wait for it."""
+        now = time.monotonic()
+        if self.engine != "postgres" or now < self._etcd_next_check:
+            return
+        pending = self._etcd_placement
+        if pending is not None:
+            if not pending.done():
+                return
+            self._etcd_placement = None
+            if pending.exception() is not None:
+                log.warning("placing etcd's leader failed: %s", pending.exception())
+            elif pending.result() is not None:  # moved: let the cluster settle first
+                self._etcd_next_check = now + etcd_placement.MOVE_EVERY_S
+                return
+        self._etcd_next_check = now + every
+        leader, t = self._leader, self.topology
+        self._etcd_placement = self._pool.submit(
+            lambda: etcd_placement.place(
+                t, leader, etcd_placement.sync_standbys(replication.cluster_state(t))
+            )
+        )
 
     def _prepare_database(self, timeout: float = 180.0) -> None:
         """Wait for the database, create ``meshbank`` on it and apply the migrations."""
