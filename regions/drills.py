@@ -210,20 +210,25 @@ class Fault:
         if name == "region-partition" and self._network is None:
             raise DrillError(NEEDS_NETNS)
 
-    def start(self) -> None:
+    def start(self) -> float:
+        """Inject the fault; returns when it landed (``time.monotonic()`` just before the
+        first signal or rule), which is when the drill's outages start."""
+        landed = time.monotonic()
         if self.name == "db-leader-kill":
             local.kill_region(self.state, self.region, ["db"])
         elif self.name == "region-kill":
             local.kill_region(self.state, self.region, [r for r in local.ROLES if r != "global"])
         elif self.name == "leader-pause":
-            self._paused = self._pause_leader()
+            self._paused, landed = self._pause_leader()
         elif self.name == "region-partition" and self._network is not None:
             self._network.partition(self.region)
         else:
             raise DrillError(f"unknown drill {self.name!r}; known: {', '.join(DRILLS)}")
+        return landed
 
-    def _pause_leader(self) -> list[int]:
-        """SIGSTOP the region's Patroni and PostgreSQL, every process of both.
+    def _pause_leader(self) -> tuple[list[int], float]:
+        """SIGSTOP the region's Patroni and PostgreSQL, every process of both; returns the
+        paused PIDs and the time of the first SIGSTOP.
 
         The trees are listed before the first signal, so that every process stops
         within a few ``kill()`` calls: listing ``/proc`` takes 0.1 s on a loaded machine,
@@ -243,6 +248,7 @@ class Fault:
         paused: list[int] = []
         tree = {*process_tree(postmaster), *process_tree(patroni)}
         todo = [postmaster, patroni, *sorted(tree.difference((postmaster, patroni)))]
+        landed = time.monotonic()
         for _ in range(10):
             for pid in todo:
                 with contextlib.suppress(ProcessLookupError):
@@ -250,7 +256,7 @@ class Fault:
                 paused.append(pid)
             todo = sorted({*process_tree(postmaster), *process_tree(patroni)}.difference(paused))
             if not todo:
-                return paused
+                return paused, landed
         raise DrillError(f"{self.region}'s processes kept forking while being paused")
 
     def stop(self) -> None:
@@ -411,16 +417,20 @@ def run(
     t0 = time.monotonic()
     workload.start()
     time.sleep(warmup)
-    fault_at = time.monotonic()
     log(f"injecting {name} on {leader}")
-    watch = LeaderWatch(topology, leader, fault_at)
-    watch.start()
+    fault_at = time.monotonic()
+    watch: LeaderWatch | None = None
     try:
-        fault.start()
+        # Outages count from when the fault landed: listing a leader's processes to
+        # pause takes 0.1-0.2 s, in which the old leader still commits.
+        fault_at = fault.start()
+        watch = LeaderWatch(topology, leader, fault_at)
+        watch.start()
         time.sleep(hold)
     finally:
         lifted_at = time.monotonic()
         fault.stop()
+    assert watch is not None  # set unless fault.start() raised, which ends the drill
     log("fault lifted; waiting for the region and replication to recover")
     deadline = time.monotonic() + restore_timeout
     while time.monotonic() < deadline and not _all_healthy(state):

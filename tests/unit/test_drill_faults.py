@@ -67,7 +67,9 @@ def test_leader_pause_stops_every_process_of_a_forking_postmaster(
 ) -> None:
     state, (patroni, postmaster) = member
     fault = drills.Fault("leader-pause", state, "us-east")
-    fault.start()
+    before = time.monotonic()
+    landed = fault.start()
+    assert before <= landed <= time.monotonic()  # the first SIGSTOP, outages count from it
     try:
         time.sleep(0.2)
         tree = {*drills.process_tree(postmaster.pid), *drills.process_tree(patroni.pid)}
