@@ -34,7 +34,14 @@ AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 API_SERVICES = (AUTH_SERVICE, ACCOUNT_SERVICE, TRANSFER_SERVICE)
 
 
-REPLICA_POLICY = RetryPolicy(max_attempts=2, base_delay=0.005, max_delay=0.01)
+# A replica read that fails is tried again, quickly, twice more before it falls back to
+# the primary. When the region's own member dies, the first attempt meets the broken
+# pooled connection and the next two are refused by the sidecar; those two refusals are
+# what its outlier detection ejects the member on (consecutive_gateway_failure 2), so the
+# fourth reaches the next region's replica. With two attempts the read fell back to the
+# primary instead, which in the leader's region is the same dead member, and waited 2 s
+# there (db-leader-kill, docs/benchmarks.md). The worst case adds about 50 ms.
+REPLICA_POLICY = RetryPolicy(max_attempts=4, base_delay=0.005, max_delay=0.02)
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def build_with_engine(
     )
     ledger = LedgerService(
         ledger_sql.transaction_runner(engine, on_retry=metrics.observe_retry),
-        # A replica that fails is skipped at once (the read falls back to the primary).
+        # A replica that keeps failing is skipped (the read falls back to the primary).
         read_replica=ledger_sql.transaction_runner(read_engine, policy=REPLICA_POLICY)
         if read_engine is not None
         else None,
