@@ -113,16 +113,32 @@ def move_leader(
     return True
 
 
-def place(topology: Topology, db_leader: str | None, sync_standbys: Collection[str]) -> str | None:
-    """Move etcd's leader out of ``db_leader``'s region if it is there; the new region."""
+def place(
+    topology: Topology, db_leader: str | None, cluster: Mapping[str, Any] | None
+) -> str | None:
+    """Move etcd's leader out of ``db_leader``'s region if it is there; the new region.
+
+    ``db_leader`` is the member that answered ``/primary`` a moment ago; ``cluster`` is
+    Patroni's ``/cluster``, read just now. They must agree: a leader that died since
+    would have its successor's election delayed by the move.
+    """
+    if db_leader is None or cluster_leader(cluster) != db_leader:
+        return None
     statuses = {r: member_status(topology, r) for r in topology.region_names}
-    move = choose_target(statuses, db_leader, sync_standbys)
+    move = choose_target(statuses, db_leader, sync_standbys(cluster))
     if move is None:
         return None
     if not move_leader(topology, *move, statuses):
         return None
     log.info("moved etcd's leader from %s, the database leader's region, to %s", *move)
     return move[1]
+
+
+def cluster_leader(cluster: Mapping[str, Any] | None) -> str | None:
+    """The running leader Patroni's ``/cluster`` names, if any."""
+    members = (cluster or {}).get("members") or []
+    leaders = [m for m in members if m.get("role") == "leader" and m.get("state") == "running"]
+    return str(leaders[0].get("name")) if len(leaders) == 1 else None
 
 
 def sync_standbys(cluster: Mapping[str, Any] | None) -> set[str]:

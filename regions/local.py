@@ -807,9 +807,7 @@ class Supervisor:
         self._etcd_next_check = now + every
         leader, t = self._leader, self.topology
         self._etcd_placement = self._pool.submit(
-            lambda: etcd_placement.place(
-                t, leader, etcd_placement.sync_standbys(replication.cluster_state(t))
-            )
+            lambda: etcd_placement.place(t, leader, replication.cluster_state(t))
         )
 
     def _prepare_database(self, timeout: float = 180.0) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from regions.etcd_placement import MemberStatus, choose_target, sync_standbys
+from regions.etcd_placement import MemberStatus, choose_target, cluster_leader, sync_standbys
 
 IDS = {"us-east": "11", "us-west": "22", "eu-west": "33"}
 
@@ -55,3 +55,17 @@ def test_sync_standbys_come_from_patronis_cluster_view() -> None:
     }
     assert sync_standbys(cluster) == {"us-west"}
     assert sync_standbys(None) == set()
+
+
+def test_the_leader_comes_from_patronis_cluster_view_when_it_is_running() -> None:
+    cluster = {
+        "members": [
+            {"name": "us-east", "role": "leader", "state": "running"},
+            {"name": "us-west", "role": "sync_standby", "state": "streaming"},
+        ]
+    }
+    assert cluster_leader(cluster) == "us-east"
+    cluster["members"][0]["state"] = "stopped"
+    assert cluster_leader(cluster) is None
+    assert cluster_leader({"members": []}) is None
+    assert cluster_leader(None) is None
