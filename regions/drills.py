@@ -172,8 +172,9 @@ def open_funded_account(
     return str(reply.account.account_id)
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (PostgreSQL's backends, walsenders, ...)."""
+def process_tree(*roots: int) -> list[int]:
+    """``roots`` and all their descendants (PostgreSQL's backends, walsenders, ...),
+    from one reading of ``/proc``."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -182,7 +183,7 @@ def process_tree(root: int) -> list[int]:
         if fields is None:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [root]
+    found, todo = [], list(roots)
     while todo:
         pid = todo.pop()
         found.append(pid)
@@ -246,7 +247,7 @@ class Fault:
                 f"(Patroni pid {patroni}, postmaster pid {postmaster})"
             )
         paused: list[int] = []
-        tree = {*process_tree(postmaster), *process_tree(patroni)}
+        tree = set(process_tree(postmaster, patroni))
         todo = [postmaster, patroni, *sorted(tree.difference((postmaster, patroni)))]
         landed = time.monotonic()
         for _ in range(10):
@@ -254,7 +255,7 @@ class Fault:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
                 paused.append(pid)
-            todo = sorted({*process_tree(postmaster), *process_tree(patroni)}.difference(paused))
+            todo = sorted(set(process_tree(postmaster, patroni)).difference(paused))
             if not todo:
                 return paused, landed
         raise DrillError(f"{self.region}'s processes kept forking while being paused")
@@ -418,8 +419,6 @@ def run(
     workload.start()
     time.sleep(warmup)
     log(f"injecting {name} on {leader}")
-    fault_at = time.monotonic()
-    watch: LeaderWatch | None = None
     try:
         # Outages count from when the fault landed: listing a leader's processes to
         # pause takes 0.1-0.2 s, in which the old leader still commits.
@@ -430,7 +429,6 @@ def run(
     finally:
         lifted_at = time.monotonic()
         fault.stop()
-    assert watch is not None  # set unless fault.start() raised, which ends the drill
     log("fault lifted; waiting for the region and replication to recover")
     deadline = time.monotonic() + restore_timeout
     while time.monotonic() < deadline and not _all_healthy(state):
