@@ -42,30 +42,31 @@ class MemberStatus:
     term: str
 
 
+def leader_region(statuses: Mapping[str, MemberStatus | None]) -> str | None:
+    """The region of etcd's leader, when the members that answered (two at least)
+    agree on it and its term; None during an election or a partition.
+
+    ``statuses``: region -> that member's status (None when it did not answer).
+    """
+    answered = [s for s in statuses.values() if s is not None]
+    views = {(s.leader_id, s.term) for s in answered}
+    if len(answered) < 2 or len(views) != 1:
+        return None
+    leader_id = next(iter(views))[0]
+    return next((r for r, s in statuses.items() if s and s.member_id == leader_id), None)
+
+
 def choose_target(
     statuses: Mapping[str, MemberStatus | None],
     db_leader: str | None,
     sync_standbys: Collection[str],
 ) -> tuple[str, str] | None:
-    """``(from_region, to_region)`` when etcd's leader should move, else None.
-
-    ``statuses``: region -> that member's status (None when it did not answer).
-    """
-    if db_leader is None:
+    """``(from_region, to_region)`` when etcd's leader should move, else None."""
+    if db_leader is None or leader_region(statuses) != db_leader:
         return None
-    answered = {r: s for r, s in statuses.items() if s is not None}
-    if len(answered) < 2:
-        return None
-    views = {(s.leader_id, s.term) for s in answered.values()}
-    if len(views) != 1:
-        return None  # the members disagree: an election or a partition
-    leader_id = next(iter(views))[0]
-    leader_region = next((r for r, s in answered.items() if s.member_id == leader_id), None)
-    if leader_region != db_leader:
-        return None
-    candidates = [r for r in answered if r != db_leader]
+    candidates = [r for r, s in statuses.items() if s is not None and r != db_leader]
     candidates.sort(key=lambda r: (r in sync_standbys, r))
-    return (leader_region, candidates[0]) if candidates else None
+    return (db_leader, candidates[0]) if candidates else None
 
 
 def _post(topology: Topology, region: str, path: str, body: dict[str, Any], timeout: float) -> Any:

@@ -80,10 +80,7 @@ def test_the_supervisor_keeps_etcds_leader_out_of_the_database_leaders_region(
 
     def etcd_leader() -> tuple[str | None, dict[str, etcd_placement.MemberStatus | None]]:
         statuses = {r: etcd_placement.member_status(topology, r) for r in topology.region_names}
-        ids = {s.leader_id for s in statuses.values() if s is not None}
-        leader_id = ids.pop() if len(ids) == 1 else None
-        region = next((r for r, s in statuses.items() if s and s.member_id == leader_id), None)
-        return region, statuses
+        return etcd_placement.leader_region(statuses), statuses
 
     region, statuses = etcd_leader()
     assert region is not None, statuses
