@@ -634,11 +634,11 @@ def _database_cluster(
                 "lb_endpoints": [{"endpoint": endpoint}],
             }
         )
-    path = "/primary" if primary else "/liveness"
+    path, timeout = ("/primary", DB_HC_TIMEOUT) if primary else ("/liveness", DB_REPLICA_HC_TIMEOUT)
     if engine == "cockroachdb":
         # Any ready node takes reads and writes (CockroachDB routes to leaseholders);
         # the nearest ready one is best for both.
-        path = "/health?ready=1"
+        path, timeout = "/health?ready=1", DB_HC_TIMEOUT
         for priority, locality in enumerate(localities):
             locality["priority"] = priority
     check: Config = {"http_health_check": {"path": path}}
@@ -649,7 +649,7 @@ def _database_cluster(
         "load_assignment": {"cluster_name": name, "endpoints": localities},
         "health_checks": [
             {
-                "timeout": DB_REPLICA_HC_TIMEOUT if path == "/liveness" else DB_HC_TIMEOUT,
+                "timeout": timeout,
                 "interval": DB_HC_INTERVAL,
                 "no_traffic_interval": DB_HC_INTERVAL,
                 "unhealthy_threshold": 2,
